@@ -1,0 +1,1 @@
+"""llm: a decoder-only language model written from scratch."""

@@ -1,0 +1,54 @@
+"""Peak FLOP/s of the device, so that MFU (model FLOPs utilisation) is honest.
+
+GPUs: dense (no sparsity) figures from the vendors' data sheets. CPUs have no data sheet we can trust
+here, so we measure a large fp32 matmul once per process and use that as the peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# name fragment (lower case) -> {dtype: peak FLOP/s}; fp32 is the TF32 tensor-core rate where it exists.
+GPU_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
+    "h200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
+    "h100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
+    "a100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
+    "l40s": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 183e12},
+    "a10g": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
+    "l4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
+    "4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12},
+    "3090": {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12},
+    "v100": {torch.float16: 125e12, torch.float32: 15.7e12},
+    "t4": {torch.float16: 65e12, torch.float32: 8.1e12},
+}
+
+
+@functools.cache
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best-of-`repeats` fp32 matmul throughput with the current torch thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, override: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from)."""
+    if override:
+        return override, "given"
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key, table in GPU_PEAK_FLOPS.items():
+            if key in name and dtype in table:
+                return table[dtype], f"data sheet ({key})"
+        return float("nan"), f"unknown GPU {name!r}: pass --peak-flops"
+    return measure_cpu_matmul_flops(), "measured fp32 matmul"
