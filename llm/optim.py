@@ -12,6 +12,7 @@ Four small pieces the training loop uses every step:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,36 @@ def _check_range(name: str, value: float, low: float, high: float = math.inf, *,
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
 
 
-class AdamW(torch.optim.Optimizer):
+def _undecorated(name: str) -> Callable[..., Any]:
+    """torch.optim.Optimizer's method `name` without its @torch._disable_dynamo wrapper, whose first call
+    imports torch._dynamo (4+ s of start-up for every process that builds an optimizer)."""
+    method = getattr(torch.optim.Optimizer, name)
+    return getattr(method, "__wrapped__", method)
+
+
+class _Optimizer(torch.optim.Optimizer):
+    """The base class, minus the torch._dynamo import. When dynamo is already loaded (torch.compile in use)
+    the decorated methods run unchanged, so compiled code still sees them as it expects."""
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if "torch._dynamo" in sys.modules:
+            return getattr(super(), name)(*args)
+        return _undecorated(name)(self, *args)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._call("add_param_group", param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._call("zero_grad", set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._call("state_dict")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._call("load_state_dict", state_dict)
+
+
+class AdamW(_Optimizer):
     """Adam with decoupled weight decay.
 
     For each parameter θ with gradient g at step t = 1, 2, ... (per group: lr α, betas β1 β2, eps ε, decay λ):
@@ -140,7 +170,7 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, ms, denoms, step_sizes)
 
 
-class SGDDecay(torch.optim.Optimizer):
+class SGDDecay(_Optimizer):
     """SGD with a 1/√(t+1) step-size decay: θ ← θ − lr / √(t + 1) · g, with t = 0, 1, 2, ... per parameter.
 
     State per parameter: "t" (int), the number of steps taken so far.
