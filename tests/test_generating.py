@@ -4,7 +4,6 @@ split across tokens, stop strings, <|endoftext|>), beam search on the model, the
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from llm.generating import (
 from llm.sampling import SamplingConfig
 from llm.transformer import Transformer
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -334,13 +332,10 @@ def test_cli_bad_checkpoints_one_error_line(tmp_path: Path, run_dir: Path, capsy
                                                                        "--prompt", "x")
 
 
-def test_cli_interactive_through_stdin_subprocess(run_dir: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm.generating", "--checkpoint", str(run_dir), "--interactive",
-         "--max-new-tokens", "5", "--greedy"],
-        input="/topk 3\nhello\n/quit\n", capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "top-k 3" in proc.stdout
+def test_cli_interactive_reads_stdin(run_dir: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/topk 3\nhello\n/quit\n"))
+    assert main(["--checkpoint", str(run_dir), "--interactive", "--max-new-tokens", "5", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    assert "top-k 3" in out
     model_out = generate(*_load(run_dir), "hello", max_new_tokens=5, temperature=0, top_k=3)
-    assert f"> {model_out}\n" in proc.stdout
+    assert f"> {model_out}\n" in out
