@@ -8,7 +8,7 @@ Python API:
     stream(model, tokenizer, prompt, **sampling) -> Iterator[str] the same, piece by piece as it is produced
     generate_batch(model, tokenizer, prompts, **sampling) -> list[str]   left-padded batch, one result per prompt
     iter_tokens(model, prompt_ids, cfg, ...) -> Iterator[Tensor (b,)]    the token-level loop underneath
-    beam_generate(model, prompt_ids, cfg, ...) -> list[Hypothesis]
+    beam_generate(model, prompt_ids, cfg, ...) -> list[Hypothesis]    beam_texts(...) -> list[str] (best first)
 
 Sampling keywords (see llm.sampling.SamplingConfig): temperature (0 = greedy), top_k, top_p, min_p,
 repetition_penalty, frequency_penalty, presence_penalty, num_beams, length_penalty; plus max_new_tokens,
@@ -285,7 +285,7 @@ def token_bytes_fn(tokenizer) -> Callable[[int], bytes]:
     """id -> bytes of that token: the tokenizer's vocab when it exposes one (exact for split characters)."""
     vocab = getattr(tokenizer, "vocab", None)
     if isinstance(vocab, dict) and vocab and isinstance(next(iter(vocab.values())), bytes):
-        return vocab.__getitem__
+        return lambda i: vocab.get(i, b"")  # ids without bytes (holes) print nothing
     if hasattr(tokenizer, "decode_bytes"):
         return lambda i: tokenizer.decode_bytes([i])
     return lambda i: tokenizer.decode([i]).encode("utf-8")
@@ -335,19 +335,19 @@ class GenerationOptions:
 
 def stream(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     """Yield the completion of `prompt` piece by piece as tokens arrive; stops at <|endoftext|>, a stop
-    string (not included) or max_new_tokens. Keywords: see the module docstring."""
+    string (not included) or max_new_tokens. Keywords: see the module docstring. Bad input raises here,
+    before the first piece."""
     opts = GenerationOptions.from_kwargs(**kwargs)
     ids = _encode_prompt(tokenizer, prompt)
     limit = check_compatible(model, tokenizer)
+    if opts.sampling.num_beams > 1:  # the search must finish before its best hypothesis is known
+        return iter(beam_texts(model, tokenizer, prompt, **kwargs)[:1])
+    return _stream(model, tokenizer, ids, opts, limit)
+
+
+def _stream(model, tokenizer, ids: list[int], opts: GenerationOptions, limit: int | None) -> Iterator[str]:
     eos = eos_id_of(tokenizer)
     text = TextStream(token_bytes_fn(tokenizer), opts.stop)
-    if opts.sampling.num_beams > 1:
-        hyp = beam_generate(model, ids, opts.sampling, max_new_tokens=opts.max_new_tokens, eos_id=eos,
-                            use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide)[0]
-        tokens = hyp.tokens[:-1] if hyp.tokens and hyp.tokens[-1] == eos else hyp.tokens
-        pieces = [text.push(t) for t in tokens if not text.stopped]
-        yield "".join(pieces) + text.finish()
-        return
     gen = _generator(opts.seed, _device(model))
     steps = iter_tokens(model, [ids], opts.sampling, max_new_tokens=opts.max_new_tokens, generator=gen,
                         use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide)
@@ -366,6 +366,26 @@ def stream(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> Iterator
             yield rest
     finally:
         steps.close()
+
+
+def beam_texts(model: torch.nn.Module, tokenizer, prompt: str, *, num_return: int = 1, **kwargs) -> list[str]:
+    """The best `num_return` beam-search completions of `prompt`, best first (needs num_beams > 1)."""
+    opts = GenerationOptions.from_kwargs(**kwargs)
+    ids = _encode_prompt(tokenizer, prompt)
+    limit = check_compatible(model, tokenizer)
+    eos = eos_id_of(tokenizer)
+    hyps = beam_generate(model, ids, opts.sampling, max_new_tokens=opts.max_new_tokens, eos_id=eos,
+                         use_cache=opts.use_cache, vocab_limit=limit, num_return=num_return, on_slide=opts.on_slide)
+    outs = []
+    for h in hyps:
+        text = TextStream(token_bytes_fn(tokenizer), opts.stop)
+        for t in h.tokens:
+            if t == eos or text.stopped:
+                break
+            text.push(t)
+        text.finish()
+        outs.append(text.text)
+    return outs
 
 
 def generate(model: torch.nn.Module, tokenizer, prompt: str, **kwargs) -> str:
@@ -647,6 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:
                 sys.stdout.write(" [stopped]")
             sys.stdout.write("\n")
+        elif sampling.num_beams > 1:  # several samples of a deterministic search: its best hypotheses
+            outs = beam_texts(model, tokenizer, args.prompt, num_return=args.num_samples, **kwargs)
+            for i, out in enumerate(outs):
+                print(f"--- beam {i + 1}/{len(outs)} ---\n{args.prompt}{out}")
         else:
             outs = generate_batch(model, tokenizer, [args.prompt] * args.num_samples, **kwargs)
             for i, out in enumerate(outs):

@@ -179,6 +179,14 @@ def test_text_stream_flushes_an_incomplete_character_at_the_end() -> None:
     assert s.finish() == "\ufffd"  # the character never completed
 
 
+def test_ids_past_the_tokenizers_vocab_are_never_sampled() -> None:
+    model = tiny_model(vocab=300)  # a padded embedding: ids 259..299 mean nothing to the tokenizer
+    toks = torch.cat(list(iter_tokens(model, [[1, 2]], SamplingConfig(temperature=50.0), max_new_tokens=200,
+                                      vocab_limit=259)))
+    assert int(toks.max()) < 259
+    assert isinstance(generate(model, byte_tokenizer(), "hi", max_new_tokens=20, temperature=50.0), str)
+
+
 def test_same_seed_same_sample() -> None:
     tok, model = byte_tokenizer(), tiny_model(ctx=64)
     a = generate(model, tok, "hello", max_new_tokens=20, seed=3, temperature=1.0, top_k=50)
@@ -291,6 +299,23 @@ def test_cli_samples_and_beams(run_dir: Path, capsys) -> None:
     assert main(["--checkpoint", str(run_dir), "--prompt", "hi", "--num-beams", "3", "--max-new-tokens", "5",
                  "--no-cache"]) == 0
     assert capsys.readouterr().out.startswith("hi")
+    assert main(["--checkpoint", str(run_dir), "--prompt", "hi", "--num-beams", "3", "--num-samples", "2",
+                 "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- beam") == 2
+    assert out.split("\n")[1] == "hi" + generate(*_load(run_dir), "hi", num_beams=3, max_new_tokens=5).split("\n")[0]
+
+
+def test_stream_rejects_bad_input_before_the_first_piece() -> None:
+    tok, model = byte_tokenizer(), tiny_model()
+    with pytest.raises(ValueError, match="empty prompt"):
+        stream(model, tok, "")
+    with pytest.raises(ValueError, match="top_p"):
+        stream(model, tok, "x", top_p=0)
+    with pytest.raises(TypeError, match="unknown sampling options"):
+        stream(model, tok, "x", topk=3)
+    with pytest.raises(ValueError, match="tokenizer has 259 tokens but the model only 200"):
+        generate(tiny_model(vocab=200), tok, "x")
 
 
 @pytest.mark.parametrize(
