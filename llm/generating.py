@@ -655,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             slid.append(dropped)
 
         opts = GenerationOptions(args.max_new_tokens, args.stop, args.seed, not args.no_cache, on_slide, sampling)
-        print(f"[{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        print(f"[{path}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{'KV cache' if opts.use_cache else 'no cache'}, {_device(model)}]", file=sys.stderr, flush=True)
         if args.interactive:
             return repl(model, tokenizer, opts)
