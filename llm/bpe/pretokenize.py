@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-
-import regex
+from functools import cache
 
 # GPT-2's pattern (OpenAI encoder.py), needs `regex` for \p{L} / \p{N}.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_RE = regex.compile(GPT2_PATTERN)
+
+
+@cache
+def gpt2_re():
+    """Compiled lazily: importing `regex` costs ~11 MB of Unicode tables that ASCII text never needs."""
+    import regex
+
+    return regex.compile(GPT2_PATTERN)
+
 
 # The same pattern restricted to ASCII text, for the stdlib `re` engine (about 2x faster than `regex`).
 # `regex`'s \s on ASCII is exactly [\t\n\v\f\r ] (stdlib `re` would also include \x1c-\x1f).
@@ -28,7 +35,7 @@ ASCII_RE = re.compile(ASCII_PATTERN)
 
 def pretokenize(text: str) -> list[str]:
     """GPT-2 pre-tokens of a text that contains no special tokens."""
-    return (ASCII_RE if text.isascii() else GPT2_RE).findall(text)
+    return (ASCII_RE if text.isascii() else gpt2_re()).findall(text)
 
 
 def special_splitter(special_tokens: Sequence[str]) -> re.Pattern[str] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path
 
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
@@ -18,7 +18,8 @@ from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
 
 CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # pre-tokens kept; cleared when full so memory stays bounded on huge inputs
-_STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
+_STREAM_MIN = 1 << 16
+_NO_RANK = 1 << 62  # chars buffered by encode_iterable before it looks for a cut
 
 
 class _BpeCache(dict):
@@ -67,14 +68,16 @@ class BpeTokenizer:
 
         self._byte_ids: list[int] = [single(bytes([x]), True) for x in range(256)]
         regular = set(self._byte_ids)
-        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._rank_of: dict[tuple[int, int], int] = {}  # (id_a, id_b) -> merge rank
+        self._merged_id: list[int] = []  # merge rank -> id of the merged token
         for r, (a, b) in enumerate(self.merges):
             ia, ib, ic = single(a, False), single(b, False), single(a + b, False)
             if len(a) == 1:
                 ia = self._byte_ids[a[0]]
             if len(b) == 1:
                 ib = self._byte_ids[b[0]]
-            self._ranks.setdefault((ia, ib), (r, ic))  # first (lowest) rank wins on duplicates
+            self._rank_of.setdefault((ia, ib), r)  # first (lowest) rank wins on duplicates
+            self._merged_id.append(ic)
             regular.add(ic)
 
         # Special tokens take an id with their bytes that plain BPE does not use, else a new id.
@@ -119,30 +122,31 @@ class BpeTokenizer:
 
     # ------------------------------------------------------------------ BPE core
     def _bpe(self, word: str) -> list[int]:
-        """Apply merges by rank to one pre-token (cache miss path)."""
-        ids = [self._byte_ids[b] for b in word.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = None
-            best_rank = 1 << 62
-            for p in zip(ids, ids[1:]):
-                r = ranks.get(p)
-                if r is not None and r[0] < best_rank:
-                    best, best_rank = p, r[0]
-            if best is None:
+        """Apply merges by rank to one pre-token (cache-miss path).
+
+        Repeatedly merge the adjacent pair of lowest rank (leftmost on ties), like tiktoken. After
+        a merge only the two neighbouring pair ranks change, so `rs` is patched, not recomputed;
+        min/index run in C.
+        """
+        ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
+        if len(ids) < 2:
+            return ids
+        get, new_id = self._rank_of.get, self._merged_id
+        rs = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK)))
+        while True:
+            r = min(rs)
+            if r == _NO_RANK:
                 break
-            a, b = best
-            t = ranks[best][1]
-            out: list[int] = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(t)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            i = rs.index(r)
+            t = new_id[r]
+            ids[i : i + 2] = (t,)
+            del rs[i]
+            if not rs:
+                break
+            if i:
+                rs[i - 1] = get((ids[i - 1], t), _NO_RANK)
+            if i < len(rs):
+                rs[i] = get((t, ids[i + 1]), _NO_RANK)
         return ids
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
