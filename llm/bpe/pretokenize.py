@@ -47,6 +47,12 @@ def special_splitter(special_tokens: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("(" + "|".join(map(re.escape, alts)) + ")")
 
 
+# Exactly the characters `regex` matches with \s (Unicode White_Space); tests check it.
+WHITESPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+    "\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
 _CUT_BYTES = re.compile(rb"[\x21-\x7e](?=[ \n])")
 _CUT_STR = re.compile(r"[\x21-\x7e](?=[ \n])")
 
