@@ -29,9 +29,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 EOT = "<|endoftext|>"
 META_FORMAT = 1
@@ -58,6 +61,8 @@ def get_batch(
     ``np.random.seed`` makes it reproducible; pass a ``np.random.Generator`` for explicit control.
     Returns int64 tensors (batch, context_length) on ``device`` (pinned + non_blocking on CUDA).
     """
+    import torch  # here, not at module level: the data CLIs and inspect_data.py start faster without it
+
     if isinstance(dataset, torch.Tensor):
         dataset = dataset.detach().cpu().numpy()
     if batch_size < 1 or context_length < 1:
