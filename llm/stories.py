@@ -20,7 +20,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -981,9 +980,9 @@ def generate_stories(out_path: str | os.PathLike, size_mb: float = 5.0, seed: in
     n_bytes = n_chars = n_stories = n_words = 0
     words: Counter[str] = Counter()
     last_report = t0
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # same dir: atomic rename
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
             while n_bytes < target:
                 block = make_story(r) + "\n" + EOT + "\n"
                 f.write(block)
