@@ -74,9 +74,11 @@ def token_stats(arr: np.ndarray, vocab_size: int, eot_id: int | None, max_scan: 
         out["eot_count"] = int(counts[eot_id]) if eot_id < len(counts) else 0
         if exact:
             pos = np.concatenate(eot_pos) if eot_pos else np.zeros(0, dtype=np.int64)
-            # Documents are the non-empty spans between separators (before the first, after the last).
-            lens = np.diff(np.concatenate([[-1], pos, [len(arr)]])) - 1
+            # A document is a non-empty span ended by a separator (TinyStories layout: text, then
+            # <|endoftext|>); what follows the last separator (often just "\n") is an unterminated tail.
+            lens = np.diff(np.concatenate([[-1], pos])) - 1
             out["doc_lengths"] = lens[lens > 0] if len(pos) else None
+            out["tail_tokens"] = int(len(arr) - 1 - pos[-1]) if len(pos) else None
     return out
 
 
@@ -280,6 +282,7 @@ def inspect(target: str | Path, args) -> dict:
                     "max": int(dl.max()),
                     "mean": float(dl.mean()),
                 }
+                r["documents"]["unterminated_tail_tokens"] = st["tail_tokens"]
                 r["_doc_lengths"] = dl
         r["sampler"] = sampler_stats(arr, args.batch_size, args.context_length, args.batches, eot_id)
         r["_counts"] = counts

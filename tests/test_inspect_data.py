@@ -64,7 +64,10 @@ def test_counts_documents_and_verdict(prepared, capsys):
     p = ref[ref > 0] / len(train)
     assert r["unigram_entropy_nats"] == pytest.approx(float(-(p * np.log(p)).sum()))
     # Documents: an independent split of the token list on the separator.
-    docs = [len(d_[d_ != 0]) for d_ in np.split(train, np.flatnonzero(train == 0)) if len(d_[d_ != 0])]
+    # Documents end with a separator; the piece after the last one is an unterminated tail.
+    pieces = np.split(train, np.flatnonzero(train == 0) + 1)
+    docs = [len(p_) - 1 for p_ in pieces[:-1] if len(p_) > 1]
+    assert r["documents"]["unterminated_tail_tokens"] == len(pieces[-1])
     assert r["eot_count"] == int((train == 0).sum())
     assert r["documents"]["count"] == len(docs)
     assert (r["documents"]["min"], r["documents"]["max"]) == (min(docs), max(docs))
