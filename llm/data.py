@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import random
 import shutil
@@ -137,7 +138,7 @@ def _sampled_range(arr: np.ndarray, block: int = 1 << 16, blocks: int = 64) -> t
         size = block
     lo, hi, lo_at, hi_at = None, None, 0, 0
     for s in starts:
-        chunk = np.asarray(arr[s : s + size])
+        chunk = read_range(arr, s, s + size)
         cmin, cmax = int(chunk.min()), int(chunk.max())
         if lo is None or cmin < lo:
             lo, lo_at = cmin, s + int(chunk.argmin())
@@ -146,11 +147,25 @@ def _sampled_range(arr: np.ndarray, block: int = 1 << 16, blocks: int = 64) -> t
     return lo, hi, (lo_at if lo < 0 else hi_at)
 
 
+def read_range(arr: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``arr[start:stop]`` as an in-memory array. For a memmap opened from a file (np.load with
+    mmap_mode) it reads the bytes with a plain file read instead of touching the mapping, so a full
+    pass over a large array keeps resident memory at one chunk rather than growing with the file."""
+    stop = min(stop, len(arr))
+    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename and arr.ndim == 1 and stop > start:
+        with open(arr.filename, "rb") as f:
+            f.seek(arr.offset + start * arr.itemsize)
+            out = np.fromfile(f, dtype=arr.dtype, count=stop - start)
+        if len(out) == stop - start:
+            return out
+    return np.asarray(arr[start:stop])
+
+
 def token_counts(arr: np.ndarray, minlength: int = 0) -> np.ndarray:
     """Exact histogram of token ids in one chunked pass (bounded memory)."""
     counts = np.zeros(minlength, dtype=np.int64)
     for s in range(0, len(arr), _CHUNK):
-        c = np.bincount(np.asarray(arr[s : s + _CHUNK]).astype(np.int64, copy=False), minlength=minlength)
+        c = np.bincount(read_range(arr, s, s + _CHUNK).astype(np.int64, copy=False), minlength=minlength)
         if len(c) > len(counts):
             c[: len(counts)] += counts
             counts = c
