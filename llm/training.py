@@ -398,9 +398,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
     log = (lambda *a: None) if quiet else _log
     device_probe = resolve_device(cfg)  # before joining the group: nccl vs gloo
     info = setup_distributed(device_probe.type)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, info, resume=resume, stop_at=stop_at, log=log if info.is_main else (lambda *a: None))
     finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -543,6 +545,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         if start_step == 0 and ckpt is None:
             run_eval(0)
         step = start_step
+        window_t = time.perf_counter()
         while step < end_step:
             t_step = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -599,12 +602,14 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
                                "time": elapsed_before + now - t_start})
                 window_t, window_steps = time.perf_counter(), 0
 
+            t_aside = time.perf_counter()
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 run_eval(step)
             stopping = packed[1].item() > 0 or step == end_step
             if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or stopping:
                 last_ckpt = save(step) or last_ckpt
                 _barrier(info)  # nobody races ahead (or exits) while rank 0 writes
+            window_t += time.perf_counter() - t_aside  # tokens/s counts training steps only
             if packed[1].item() > 0:
                 result.interrupted = True
                 break
@@ -847,11 +852,14 @@ def _main_plot(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plot":
-        return _main_plot(argv[1:])
-    if argv and argv[0] == "overhead":
-        return _main_overhead(argv[1:])
-    return _main_train(argv)
+    try:
+        if argv and argv[0] == "plot":
+            return _main_plot(argv[1:])
+        if argv and argv[0] == "overhead":
+            return _main_overhead(argv[1:])
+        return _main_train(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 2
 
 
 # ------------------------------------------------------------------------------------- loop overhead
