@@ -1,6 +1,6 @@
 """Benchmark: our AdamW step vs torch.optim.AdamW on a model preset's parameter shapes.
 
-    uv run python -m tests.bench_optim [--preset tinystories] [--rounds 7] [--steps 5] [--device cpu]
+    uv run kernel/benchmarking_optim.py [--preset tinystories] [--rounds 7] [--steps 5] [--device cpu]
 
 Every optimizer gets its own copy of the same parameters and gradients; rounds interleave the
 optimizers (A B C D, A B C D, ...) so machine load hits them alike; we print the median time per
