@@ -21,7 +21,7 @@ from llm.ops.linear import linear
 from llm.ops.rmsnorm import rms_norm
 from llm.ops.rope import rope
 from llm.ops.softmax import softmax
-from llm.ops.swiglu import silu, swiglu
+from llm.ops.swiglu import silu, swiglu_packed
 
 __all__ = [
     "CrossEntropyLoss",
@@ -124,7 +124,9 @@ class FFN(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        # one GEMM for w1 and w3 together (weights stay separate parameters for the state dict)
+        ab = linear(x, torch.cat([self.w1.weight, self.w3.weight]))
+        return self.w2(swiglu_packed(ab))
 
 
 class RoPE(nn.Module):
@@ -218,9 +220,12 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(b, s, h, dh).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, hkv, dh).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, hkv, dh).transpose(1, 2)
+        # one GEMM for q, k, v (and one for their gradients); the parameters stay separate
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = linear(x, w).split([h * dh, hkv * dh, hkv * dh], -1)
+        q = q.view(b, s, h, dh).transpose(1, 2)
+        k = k.view(b, s, hkv, dh).transpose(1, 2)
+        v = v.view(b, s, hkv, dh).transpose(1, 2)
         if self.rope is not None:
             if token_positions is None and kv_cache is not None:
                 token_positions = torch.arange(kv_cache.length, kv_cache.length + s, device=x.device)
