@@ -13,6 +13,7 @@ Ids are carried as one character per id (chr(id)), so joining and converting are
 
 from __future__ import annotations
 
+import heapq
 import json
 from array import array
 import os
@@ -28,6 +29,8 @@ CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
 _NO_RANK = 1 << 62
+_LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
+_MAX_PIECE = 64  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
 
 
 class _BpeCache(dict):
@@ -38,7 +41,9 @@ class _BpeCache(dict):
         self._bpe = bpe
 
     def __missing__(self, word: str) -> str:
-        ids = self[word] = "".join(map(chr, self._bpe(word)))
+        ids = "".join(map(chr, self._bpe(word)))
+        if len(word) <= _MAX_PIECE:  # long pre-tokens are rare; caching them could cost MBs each
+            self[word] = ids
         return ids
 
 
@@ -140,6 +145,8 @@ class BpeTokenizer:
         ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
         if len(ids) < 2:
             return ids
+        if len(ids) > _LONG_WORD:
+            return self._bpe_long(ids)
         get, new_id = self._rank_of.get, self._merged_id
         rs = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK)))
         while True:
@@ -158,6 +165,32 @@ class BpeTokenizer:
                 rs[i] = get((t, ids[i + 1]), _NO_RANK)
         return ids
 
+    def _bpe_long(self, ids: list[int]) -> list[int]:
+        """Same result as _bpe in O(n log n) for long pre-tokens (a base64 blob, an unspaced
+        script): a heap of (rank, position) over a linked list; stale entries are skipped."""
+        get, new_id = self._rank_of.get, self._merged_id
+        n = len(ids)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = [(r, i) for i, p in enumerate(zip(ids, ids[1:])) if (r := get(p)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j >= n or get((ids[i], ids[j])) != r:
+                continue  # stale: position merged away or its pair changed
+            ids[i] = new_id[r]
+            alive[j] = False
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                if (rr := get((ids[i], ids[k]))) is not None:
+                    heapq.heappush(heap, (rr, i))
+            if (h := prv[i]) >= 0 and (rr := get((ids[h], ids[i]))) is not None:
+                heapq.heappush(heap, (rr, h))
+        return [t for t, a in zip(ids, alive) if a]
+
     def _encode_unit(self, text: str) -> str:
         """Id chars of a text that starts and ends at safe cuts (the regex path)."""
         return "".join(map(self._cache.__getitem__, pretokenize(text)))
@@ -170,7 +203,7 @@ class BpeTokenizer:
         separator a pre-token of its own, so the ids split back into units at its id.
         """
         ws = WHITESPACE
-        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws]
+        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
         if not new_list:
             return
         joined = " ".join(new_list)
@@ -206,12 +239,21 @@ class BpeTokenizer:
                 j = i
                 while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
                     j += 1
-                if i == j:
-                    vals[i] = ids = self._encode_unit(" " + pieces[i] if i else pieces[i])
-                    if i and pieces[i] and pieces[i][-1] not in ws:
-                        cache[pieces[i]] = ids
-                else:
-                    vals[i] = self._encode_unit((" " if i else "") + " ".join(pieces[i : j + 1]))
+                if i == 0:  # no leading space: not cached (its key could equal a piece)
+                    vals[0] = self._encode_unit(" ".join(pieces[: j + 1]))
+                elif i == j and (p := pieces[i]) and p[-1] not in ws:  # a new clean piece
+                    vals[i] = ids = self._encode_unit(" " + p)
+                    if len(p) <= _MAX_PIECE:
+                        cache[p] = ids
+                else:  # pieces glued by whitespace: cached under " " + text (pieces hold no space)
+                    key = " " + " ".join(pieces[i : j + 1])
+                    ids = cache.get(key)
+                    if ids is None:
+                        ids = self._encode_unit(key)
+                        if len(key) <= _MAX_PIECE:
+                            cache[key] = ids
+                    vals[i] = ids
+                if j > i:
                     vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
                 i = j + 1
         except ValueError:  # no None left
