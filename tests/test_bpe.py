@@ -265,6 +265,7 @@ def test_encode_fast_path_matches_tiktoken_on_whitespace_soup(trained, ref_snaps
     # the same strings glued into one text (bulk cache fill) and streamed piecewise
     whole = "".join(texts)
     assert trained.encode(whole) == tik.encode(whole, allowed_special="all")
+    assert trained.encode(whole * 3) == tik.encode(whole * 3, allowed_special="all")  # > one block
     assert list(trained.encode_iterable(texts)) == trained.encode(whole)
 
 

@@ -14,6 +14,7 @@ Ids are carried as one character per id (chr(id)), so joining and converting are
 from __future__ import annotations
 
 import heapq
+from contextlib import suppress
 import json
 from array import array
 import os
@@ -30,7 +31,8 @@ _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory st
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
 _NO_RANK = 1 << 62
 _LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
-_MAX_PIECE = 64  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
+_MAX_PIECE = 64
+_BLOCK = 1 << 15  # chars per fast-path call  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
 
 
 class _BpeCache(dict):
@@ -108,6 +110,7 @@ class BpeTokenizer:
                 self.vocab[sid] = sb
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
+        self._space_in_specials = any(" " in t for t in self.special_tokens)
         self._max_special = max((len(s) for s in self.special_tokens), default=1)
 
         size = max(self.vocab, default=-1) + 1
@@ -192,8 +195,17 @@ class BpeTokenizer:
         return [t for t, a in zip(ids, alive) if a]
 
     def _encode_unit(self, text: str) -> str:
-        """Id chars of a text that starts and ends at safe cuts (the regex path)."""
-        return "".join(map(self._cache.__getitem__, pretokenize(text)))
+        """Id chars of a text that starts and ends at safe cuts (the regex path, specials kept)."""
+        get = self._cache.__getitem__
+        if self._split is None:
+            return "".join(map(get, pretokenize(text)))
+        out = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(chr(self._special_ids[part]))
+            elif part:
+                out.append("".join(map(get, pretokenize(part))))
+        return "".join(out)
 
     def _fill_pieces(self, new: set[str]) -> None:
         """Cache the ids of " " + piece for many new pieces with one regex pass.
@@ -224,17 +236,26 @@ class BpeTokenizer:
         pieces = text.split(" ")
         cache = self._pieces
         ws = WHITESPACE
-        vals: list[str | None] = list(map(cache.get, pieces))
-        vals[0] = None  # the first piece has no leading space
-        if vals.count(None) > 2:  # new pieces (beyond the first): fill the cache in bulk first
+        # "" marks work to do (no unit encodes to ""); comparing str to "" is far cheaper than to None
+        vals: list[str] = list(map(cache.get, pieces, repeat("")))
+        vals[0] = ""  # the first piece has no leading space
+        missing = vals.count("")
+        if missing > 2:  # new pieces (beyond the first): fill the cache in bulk first
             self._fill_pieces(set(compress(pieces, map(not_, vals))))
-            vals = list(map(cache.get, pieces))
-            vals[0] = None
+            if missing > len(pieces) >> 4:  # many: look everything up again (C speed)
+                vals = list(map(cache.get, pieces, repeat("")))
+                vals[0] = ""
+            else:  # few: patch just those
+                i = 0
+                with suppress(ValueError):
+                    while True:
+                        i = vals.index("", i + 1)
+                        vals[i] = cache.get(pieces[i], "")
         n = len(pieces)
         i = 0
         try:
             while True:
-                i = vals.index(None, i)  # hop to the next piece that needs work (C speed)
+                i = vals.index("", i)  # hop to the next piece that needs work (C speed)
                 # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
                 j = i
                 while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
@@ -254,16 +275,36 @@ class BpeTokenizer:
                             cache[key] = ids
                     vals[i] = ids
                 if j > i:
-                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
+                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i (behind the hop)
                 i = j + 1
-        except ValueError:  # no None left
+        except ValueError:  # nothing left to do
             pass
         return "".join(vals)
 
     def _encode_chars(self, text: str) -> str:
-        """Id chars of any text: special tokens (longest first) kept whole."""
-        if self._split is None:
-            return self._encode_ordinary(text) if text else ""
+        """Id chars of any text: special tokens (longest first) kept whole.
+
+        A special token without a space never straddles two space-split pieces, so the whole
+        text goes through the fast path at once (units holding a special are encoded special-
+        aware); only specials that contain a space force splitting on specials first.
+        """
+        if not text:
+            return ""
+        if not self._space_in_specials:
+            if len(text) <= _BLOCK:
+                return self._encode_ordinary(text)
+            # blocks of ~_BLOCK chars, cut before a space that follows a non-space (a safe cut,
+            # and one no special token can straddle): small working sets stay in the CPU cache
+            out, start, n, ws = [], 0, len(text), WHITESPACE
+            while start < n:
+                p = text.find(" ", start + _BLOCK)
+                while p > 0 and text[p - 1] in ws:
+                    p = text.find(" ", p + 1)
+                if p < 0:
+                    p = n
+                out.append(self._encode_ordinary(text[start:p]))
+                start = p
+            return "".join(out)
         out = []
         for i, part in enumerate(self._split.split(text)):
             if i % 2:
