@@ -192,6 +192,13 @@ def test_save_load_roundtrip_and_encode_file(trained, tmp_path) -> None:
     assert tok.vocab == trained.vocab and tok.merges == trained.merges
     assert tok.special_tokens == [EOT] and tok.token_id(EOT) == 256
     assert tok.vocab_size == trained.vocab_size == 557
+    # the files open in HF tokenizers (GPT-2 format) and encode the same
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    sample = make_text(500, seed=6, docs=1).replace(EOT, "")
+    assert hf.encode(sample).ids == tok.encode(sample)
     text = make_text(30000, seed=5, docs=20)
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
@@ -356,3 +363,37 @@ def test_long_pretokens_match_tiktoken(trained) -> None:
              " " + "".join(rng.choice("日本語中文") for _ in range(300)), "1234567890" * 50]
     for s in texts:
         assert trained.encode(s) == tik.encode_ordinary(s)
+
+
+def test_small_read_blocks_and_many_chunks_change_nothing(tmp_path, monkeypatch, trained) -> None:
+    """Workers read their range in blocks cut at safe places; tiny blocks must give the same text,
+    the same training result and the same encoded file."""
+    import llm.bpe.chunks as chunks
+    from llm.bpe.chunks import chunk_boundaries, iter_range_text
+
+    text = make_text(6000, seed=8, docs=7)
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    expected = train_bpe(p, 256 + 1 + 80, [EOT], num_workers=1)
+    ids = trained.encode(text)
+    monkeypatch.setattr(chunks, "BLOCK", 997)
+    bounds = chunk_boundaries(p, 5, [EOT])
+    assert len(bounds) == 6
+    pieces = [t for a, b in zip(bounds, bounds[1:]) for t in iter_range_text(p, a, b, [EOT])]
+    assert len(pieces) > 20 and "".join(pieces) == text
+    assert train_bpe(p, 256 + 1 + 80, [EOT], num_workers=3) == expected
+    trained.encode_file(p, tmp_path / "o.npy", num_workers=2, progress=False)
+    assert np.load(tmp_path / "o.npy").tolist() == ids
+
+
+def test_errors_from_workers_and_encode_file(tmp_path, trained) -> None:
+    bad = tmp_path / "bad.txt"
+    good = ("word " * 50_000).encode()
+    bad.write_bytes(good + b"\xc3\x28 tail" + good)
+    with pytest.raises(ValueError, match=f"byte offset {len(good)}"):
+        train_bpe(bad, 300, [EOT], num_workers=2)
+    with pytest.raises(ValueError, match=f"byte offset {len(good)}"):
+        trained.encode_file(bad, tmp_path / "o.npy", num_workers=2, progress=False)
+    assert not (tmp_path / "o.npy").exists() and list(tmp_path.iterdir()) == [bad]
+    with pytest.raises(ValueError, match="not found"):
+        trained.encode_file(tmp_path / "missing.txt", tmp_path / "o.npy")

@@ -203,6 +203,9 @@ def merge_pairs(
             m = len(merges)
             eta = (now - t0) / m * (num_merges - m)
             print(f"merges: {m:,}/{num_merges:,}, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+    if progress:
+        print(f"merges: {len(merges):,}/{num_merges:,} in {time.perf_counter() - t0:.1f} s"
+              + ("" if len(merges) == num_merges else " (no pairs left)"), file=sys.stderr, flush=True)
     return merges
 
 
