@@ -209,6 +209,15 @@ def test_save_load_roundtrip_and_encode_file(trained, tmp_path) -> None:
         assert arr.tolist() == trained.encode(text)
 
 
+def test_pickle_roundtrip(trained) -> None:
+    import pickle
+
+    trained.encode("warm the caches " * 3)
+    clone = pickle.loads(pickle.dumps(trained))
+    s = make_text(300, seed=11)
+    assert clone.encode(s) == trained.encode(s) and clone.token_id(EOT) == trained.token_id(EOT)
+
+
 def test_encode_file_uint32_for_large_vocab(tmp_path) -> None:
     vocab = {i: bytes([i]) for i in range(256)}
     vocab[70000] = EOT.encode()

@@ -442,6 +442,10 @@ class BpeTokenizer:
             special_ids = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))["special_tokens"]
         return cls.from_files(d / "vocab.json", d / "merges.txt", list(special_ids), special_ids)
 
+    def __reduce__(self):
+        # rebuild from the definition (caches are not worth shipping to worker processes)
+        return (type(self), (self.vocab, self.merges, self.special_tokens))
+
     def __repr__(self) -> str:
         return (f"BpeTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={self.special_tokens})")
