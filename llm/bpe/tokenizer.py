@@ -82,6 +82,7 @@ class BpeTokenizer:
             return ids_of[b][0] if lowest else ids_of[b][-1]
 
         self._byte_ids: list[int] = [single(bytes([x]), True) for x in range(256)]
+        self._bytes_are_ids = self._byte_ids == list(range(256))
         regular = set(self._byte_ids)
         self._rank_of: dict[tuple[int, int], int] = {}  # (id_a, id_b) -> merge rank
         self._merged_id: list[int] = []  # merge rank -> id of the merged token
@@ -145,7 +146,9 @@ class BpeTokenizer:
         a merge only the two neighbouring pair ranks change, so `rs` is patched, not recomputed;
         min/index run in C.
         """
-        ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
+        data = word.encode("utf-8")
+        # our layout has id == byte value, GPT-2's does not
+        ids = list(data) if self._bytes_are_ids else list(map(self._byte_ids.__getitem__, data))
         if len(ids) < 2:
             return ids
         if len(ids) > _LONG_WORD:
