@@ -123,6 +123,10 @@ def test_train_errors(tmp_path) -> None:
     bad.write_bytes("héllo wörld ".encode() * 10 + b"\xff tail")
     with pytest.raises(ValueError, match=r"byte offset 140"):
         train_bpe(bad, 300, [EOT])
+    with pytest.raises(ValueError, match="list of strings"):
+        train_bpe(p, 300, EOT)
+    with pytest.raises(ValueError, match="empty string"):
+        BpeTokenizer({i: bytes([i]) for i in range(256)}, [], [""])
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     vocab, merges = train_bpe(empty, 1000, [EOT])

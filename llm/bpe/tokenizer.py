@@ -97,7 +97,11 @@ class BpeTokenizer:
             regular.add(ic)
 
         # Special tokens take an id with their bytes that plain BPE does not use, else a new id.
+        if isinstance(special_tokens, str):
+            raise ValueError("special_tokens must be a list of strings, not one string")
         self.special_tokens: list[str] = list(dict.fromkeys(special_tokens or ()))
+        if "" in self.special_tokens:
+            raise ValueError("a special token cannot be the empty string")
         self._special_ids: dict[str, int] = {}
         for s in self.special_tokens:
             sb = s.encode("utf-8")
@@ -112,7 +116,6 @@ class BpeTokenizer:
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
         self._space_in_specials = any(" " in t for t in self.special_tokens)
-        self._max_special = max((len(s) for s in self.special_tokens), default=1)
 
         size = max(self.vocab, default=-1) + 1
         self._decode_table: list[bytes | None] = [None] * size

@@ -222,7 +222,11 @@ def train_bpe(
     unless the corpus runs out of pairs) and merges [(bytes_a, bytes_b)] in creation order.
     `progress=None` shows progress on stderr for inputs over 16 MB.
     """
+    if isinstance(special_tokens, str):
+        raise ValueError("special_tokens must be a list of strings, not one string")
     specials = list(dict.fromkeys(special_tokens))  # de-duplicate, keep order
+    if "" in specials:
+        raise ValueError("a special token cannot be the empty string")
     base = 256 + len(specials)
     if vocab_size < base:
         raise ValueError(
