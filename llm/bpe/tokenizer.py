@@ -221,6 +221,11 @@ class BpeTokenizer:
         separator a pre-token of its own, so the ids split back into units at its id.
         """
         ws = WHITESPACE
+        # ASCII words are one pre-token (` ?\p{L}+`) with their space: no regex needed
+        words = [p for p in filter(str.isascii, filter(str.isalpha, new)) if len(p) <= _MAX_PIECE]
+        if words:
+            self._pieces.update(zip(words, map(self._cache.__getitem__, map(" ".__add__, words))))
+            new = new.difference(words)
         new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
         if not new_list:
             return
