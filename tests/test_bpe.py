@@ -410,3 +410,22 @@ def test_errors_from_workers_and_encode_file(tmp_path, trained) -> None:
     assert not (tmp_path / "o.npy").exists() and list(tmp_path.iterdir()) == [bad]
     with pytest.raises(ValueError, match="not found"):
         trained.encode_file(tmp_path / "missing.txt", tmp_path / "o.npy")
+
+
+def test_specials_with_spaces_encode_and_stream(trained) -> None:
+    specials = [EOT, "<|a b|>", "hello world"]
+    tok = BpeTokenizer(trained.vocab, trained.merges, specials)
+    assert tok.token_id("<|a b|>") != tok.token_id("hello world") and tok.token_id(EOT) == 256
+    tik = tiktoken_for(tok)
+    rng = random.Random(12)
+    parts = ["hello", " world", "hello world", "<|a b|>", "<|a", " b|>", EOT, " the", "  ", "\n", "x"]
+    for _ in range(200):
+        s = "".join(rng.choice(parts) for _ in range(rng.randint(0, 40)))
+        ids = tok.encode(s)
+        assert ids == tik.encode(s, allowed_special="all"), repr(s)
+        assert tok.decode(ids) == s
+        cut = sorted(rng.randint(0, len(s)) for _ in range(4))
+        pieces = [s[i:j] for i, j in zip([0, *cut], [*cut, len(s)])]
+        assert list(tok.encode_iterable(pieces)) == ids
+    long = "".join(rng.choice(parts) for _ in range(30000))  # several streaming buffers
+    assert list(tok.encode_iterable(long[i : i + 777] for i in range(0, len(long), 777))) == tok.encode(long)
