@@ -81,7 +81,7 @@ def rfind_cut(buf: bytes | str, specials: Sequence[bytes | str], final: bool = F
     """Last safe cut in buf (searching backwards in growing windows), or -1."""
     limit = len(buf) if final else len(buf) - max((len(s) for s in specials), default=1)
     pat = _CUT_BYTES if isinstance(buf, bytes) else _CUT_STR
-    window = 4096
+    window = 256
     while True:
         start = max(0, limit - window)
         last = -1

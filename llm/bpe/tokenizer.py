@@ -13,6 +13,8 @@ Ids are carried as one character per id (chr(id)), so joining and converting are
 
 from __future__ import annotations
 
+import heapq
+from contextlib import suppress
 import json
 from array import array
 import os
@@ -28,6 +30,9 @@ CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
 _NO_RANK = 1 << 62
+_LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
+_MAX_PIECE = 64
+_BLOCK = 1 << 15  # chars per fast-path call  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
 
 
 class _BpeCache(dict):
@@ -38,7 +43,9 @@ class _BpeCache(dict):
         self._bpe = bpe
 
     def __missing__(self, word: str) -> str:
-        ids = self[word] = "".join(map(chr, self._bpe(word)))
+        ids = "".join(map(chr, self._bpe(word)))
+        if len(word) <= _MAX_PIECE:  # long pre-tokens are rare; caching them could cost MBs each
+            self[word] = ids
         return ids
 
 
@@ -75,6 +82,7 @@ class BpeTokenizer:
             return ids_of[b][0] if lowest else ids_of[b][-1]
 
         self._byte_ids: list[int] = [single(bytes([x]), True) for x in range(256)]
+        self._bytes_are_ids = self._byte_ids == list(range(256))
         regular = set(self._byte_ids)
         self._rank_of: dict[tuple[int, int], int] = {}  # (id_a, id_b) -> merge rank
         self._merged_id: list[int] = []  # merge rank -> id of the merged token
@@ -89,7 +97,11 @@ class BpeTokenizer:
             regular.add(ic)
 
         # Special tokens take an id with their bytes that plain BPE does not use, else a new id.
+        if isinstance(special_tokens, str):
+            raise ValueError("special_tokens must be a list of strings, not one string")
         self.special_tokens: list[str] = list(dict.fromkeys(special_tokens or ()))
+        if "" in self.special_tokens:
+            raise ValueError("a special token cannot be the empty string")
         self._special_ids: dict[str, int] = {}
         for s in self.special_tokens:
             sb = s.encode("utf-8")
@@ -103,7 +115,7 @@ class BpeTokenizer:
                 self.vocab[sid] = sb
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
-        self._max_special = max((len(s) for s in self.special_tokens), default=1)
+        self._space_in_specials = any(" " in t for t in self.special_tokens)
 
         size = max(self.vocab, default=-1) + 1
         self._decode_table: list[bytes | None] = [None] * size
@@ -137,9 +149,13 @@ class BpeTokenizer:
         a merge only the two neighbouring pair ranks change, so `rs` is patched, not recomputed;
         min/index run in C.
         """
-        ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
+        data = word.encode("utf-8")
+        # our layout has id == byte value, GPT-2's does not
+        ids = list(data) if self._bytes_are_ids else list(map(self._byte_ids.__getitem__, data))
         if len(ids) < 2:
             return ids
+        if len(ids) > _LONG_WORD:
+            return self._bpe_long(ids)
         get, new_id = self._rank_of.get, self._merged_id
         rs = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK)))
         while True:
@@ -158,9 +174,44 @@ class BpeTokenizer:
                 rs[i] = get((t, ids[i + 1]), _NO_RANK)
         return ids
 
+    def _bpe_long(self, ids: list[int]) -> list[int]:
+        """Same result as _bpe in O(n log n) for long pre-tokens (a base64 blob, an unspaced
+        script): a heap of (rank, position) over a linked list; stale entries are skipped."""
+        get, new_id = self._rank_of.get, self._merged_id
+        n = len(ids)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = [(r, i) for i, p in enumerate(zip(ids, ids[1:])) if (r := get(p)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j >= n or get((ids[i], ids[j])) != r:
+                continue  # stale: position merged away or its pair changed
+            ids[i] = new_id[r]
+            alive[j] = False
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                if (rr := get((ids[i], ids[k]))) is not None:
+                    heapq.heappush(heap, (rr, i))
+            if (h := prv[i]) >= 0 and (rr := get((ids[h], ids[i]))) is not None:
+                heapq.heappush(heap, (rr, h))
+        return [t for t, a in zip(ids, alive) if a]
+
     def _encode_unit(self, text: str) -> str:
-        """Id chars of a text that starts and ends at safe cuts (the regex path)."""
-        return "".join(map(self._cache.__getitem__, pretokenize(text)))
+        """Id chars of a text that starts and ends at safe cuts (the regex path, specials kept)."""
+        get = self._cache.__getitem__
+        if self._split is None:
+            return "".join(map(get, pretokenize(text)))
+        out = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(chr(self._special_ids[part]))
+            elif part:
+                out.append("".join(map(get, pretokenize(part))))
+        return "".join(out)
 
     def _fill_pieces(self, new: set[str]) -> None:
         """Cache the ids of " " + piece for many new pieces with one regex pass.
@@ -170,7 +221,12 @@ class BpeTokenizer:
         separator a pre-token of its own, so the ids split back into units at its id.
         """
         ws = WHITESPACE
-        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws]
+        # ASCII words are one pre-token (` ?\p{L}+`) with their space: no regex needed
+        words = [p for p in filter(str.isascii, filter(str.isalpha, new)) if len(p) <= _MAX_PIECE]
+        if words:
+            self._pieces.update(zip(words, map(self._cache.__getitem__, map(" ".__add__, words))))
+            new = new.difference(words)
+        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
         if not new_list:
             return
         joined = " ".join(new_list)
@@ -191,37 +247,75 @@ class BpeTokenizer:
         pieces = text.split(" ")
         cache = self._pieces
         ws = WHITESPACE
-        vals: list[str | None] = list(map(cache.get, pieces))
-        vals[0] = None  # the first piece has no leading space
-        if vals.count(None) > 2:  # new pieces (beyond the first): fill the cache in bulk first
+        # "" marks work to do (no unit encodes to ""); comparing str to "" is far cheaper than to None
+        vals: list[str] = list(map(cache.get, pieces, repeat("")))
+        vals[0] = ""  # the first piece has no leading space
+        missing = vals.count("")
+        if missing > 2:  # new pieces (beyond the first): fill the cache in bulk first
             self._fill_pieces(set(compress(pieces, map(not_, vals))))
-            vals = list(map(cache.get, pieces))
-            vals[0] = None
+            if missing > len(pieces) >> 4:  # many: look everything up again (C speed)
+                vals = list(map(cache.get, pieces, repeat("")))
+                vals[0] = ""
+            else:  # few: patch just those
+                i = 0
+                with suppress(ValueError):
+                    while True:
+                        i = vals.index("", i + 1)
+                        vals[i] = cache.get(pieces[i], "")
         n = len(pieces)
         i = 0
         try:
             while True:
-                i = vals.index(None, i)  # hop to the next piece that needs work (C speed)
+                i = vals.index("", i)  # hop to the next piece that needs work (C speed)
                 # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
                 j = i
                 while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
                     j += 1
-                if i == j:
-                    vals[i] = ids = self._encode_unit(" " + pieces[i] if i else pieces[i])
-                    if i and pieces[i] and pieces[i][-1] not in ws:
-                        cache[pieces[i]] = ids
-                else:
-                    vals[i] = self._encode_unit((" " if i else "") + " ".join(pieces[i : j + 1]))
-                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
+                if i == 0:  # no leading space: not cached (its key could equal a piece)
+                    vals[0] = self._encode_unit(" ".join(pieces[: j + 1]))
+                elif i == j and (p := pieces[i]) and p[-1] not in ws:  # a new clean piece
+                    vals[i] = ids = self._encode_unit(" " + p)
+                    if len(p) <= _MAX_PIECE:
+                        cache[p] = ids
+                else:  # pieces glued by whitespace: cached under " " + text (pieces hold no space)
+                    key = " " + " ".join(pieces[i : j + 1])
+                    ids = cache.get(key)
+                    if ids is None:
+                        ids = self._encode_unit(key)
+                        if len(key) <= _MAX_PIECE:
+                            cache[key] = ids
+                    vals[i] = ids
+                if j > i:
+                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i (behind the hop)
                 i = j + 1
-        except ValueError:  # no None left
+        except ValueError:  # nothing left to do
             pass
         return "".join(vals)
 
     def _encode_chars(self, text: str) -> str:
-        """Id chars of any text: special tokens (longest first) kept whole."""
-        if self._split is None:
-            return self._encode_ordinary(text) if text else ""
+        """Id chars of any text: special tokens (longest first) kept whole.
+
+        A special token without a space never straddles two space-split pieces, so the whole
+        text goes through the fast path at once (units holding a special are encoded special-
+        aware); only specials that contain a space force splitting on specials first.
+        """
+        if not text:
+            return ""
+        if not self._space_in_specials:
+            if len(text) <= _BLOCK:
+                return self._encode_ordinary(text)
+            # blocks of ~_BLOCK chars, cut before a space that follows a non-space (a safe cut,
+            # and one no special token can straddle): small working sets stay in the CPU cache
+            out, start, n, ws = [], 0, len(text), WHITESPACE
+            while start < n:
+                p = text.find(" ", start + _BLOCK)
+                while p > 0 and text[p - 1] in ws:
+                    p = text.find(" ", p + 1)
+                if p < 0:
+                    p = n
+                out.append(self._encode_ordinary(text[start:p]))
+                start = p
+            return "".join(out)
         out = []
         for i, part in enumerate(self._split.split(text)):
             if i % 2:
@@ -358,6 +452,10 @@ class BpeTokenizer:
         if (d / CONFIG_NAME).is_file():
             special_ids = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))["special_tokens"]
         return cls.from_files(d / "vocab.json", d / "merges.txt", list(special_ids), special_ids)
+
+    def __reduce__(self):
+        # rebuild from the definition (caches are not worth shipping to worker processes)
+        return (type(self), (self.vocab, self.merges, self.special_tokens))
 
     def __repr__(self) -> str:
         return (f"BpeTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "

@@ -203,6 +203,9 @@ def merge_pairs(
             m = len(merges)
             eta = (now - t0) / m * (num_merges - m)
             print(f"merges: {m:,}/{num_merges:,}, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+    if progress:
+        print(f"merges: {len(merges):,}/{num_merges:,} in {time.perf_counter() - t0:.1f} s"
+              + ("" if len(merges) == num_merges else " (no pairs left)"), file=sys.stderr, flush=True)
     return merges
 
 
@@ -219,7 +222,11 @@ def train_bpe(
     unless the corpus runs out of pairs) and merges [(bytes_a, bytes_b)] in creation order.
     `progress=None` shows progress on stderr for inputs over 16 MB.
     """
+    if isinstance(special_tokens, str):
+        raise ValueError("special_tokens must be a list of strings, not one string")
     specials = list(dict.fromkeys(special_tokens))  # de-duplicate, keep order
+    if "" in specials:
+        raise ValueError("a special token cannot be the empty string")
     base = 256 + len(specials)
     if vocab_size < base:
         raise ValueError(
