@@ -1,0 +1,1 @@
+"""Byte-level BPE internals; the public entry point is `llm.bpe_tokenizer`."""

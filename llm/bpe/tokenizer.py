@@ -1,0 +1,365 @@
+"""`BpeTokenizer`: encode / decode / stream with a trained (or GPT-2) byte-level BPE.
+
+Encoding = split on special tokens (longest first) -> GPT-2 pre-tokens -> per pre-token, apply the
+merges by rank (lowest rank first), which is the canonical BPE result.
+
+Speed: text repeats its words, so results are cached, and the hot path avoids the regex entirely:
+`text.split(" ")` gives pieces, and a piece that ends in a non-space character is preceded and
+followed by *safe cuts* (see pretokenize.py), so " " + piece always pre-tokenises, hence encodes,
+the same way. A dict maps such pieces to their ids; only unknown pieces, and runs of pieces glued
+by whitespace (empty pieces from double spaces, pieces ending in a newline), go through the regex.
+Ids are carried as one character per id (chr(id)), so joining and converting are single C calls.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress, repeat
+from operator import not_
+from pathlib import Path
+
+from llm.bpe.gpt2_bytes import str_to_token, token_to_str
+from llm.bpe.pretokenize import WHITESPACE, pretokenize, rfind_cut, special_splitter
+
+CONFIG_NAME = "tokenizer_config.json"
+_CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
+_STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
+_NO_RANK = 1 << 62
+
+
+class _BpeCache(dict):
+    """pre-token -> its ids as a str of chr(id); a miss runs BPE (__missing__ keeps hits in C)."""
+
+    def __init__(self, bpe) -> None:
+        super().__init__()
+        self._bpe = bpe
+
+    def __missing__(self, word: str) -> str:
+        ids = self[word] = "".join(map(chr, self._bpe(word)))
+        return ids
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class BpeTokenizer:
+    """Byte-level BPE tokenizer.
+
+    vocab: {id: bytes}; merges: [(bytes_a, bytes_b)] in rank order; special_tokens: strings kept
+    whole (added to the vocabulary with new ids if absent).
+    """
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: Sequence[tuple[bytes, bytes]],
+        special_tokens: Sequence[str] | None = None,
+    ) -> None:
+        self.vocab: dict[int, bytes] = dict(vocab)
+        self.merges: list[tuple[bytes, bytes]] = [(bytes(a), bytes(b)) for a, b in merges]
+        ids_of: dict[bytes, list[int]] = {}
+        for i in sorted(self.vocab):
+            ids_of.setdefault(self.vocab[i], []).append(i)
+
+        # Ids the plain byte-level BPE needs: the single bytes (lowest id) and each merge result
+        # (highest id when several share the bytes: in our layout merges come after specials).
+        def single(b: bytes, lowest: bool) -> int:
+            if b not in ids_of:
+                raise ValueError(f"vocabulary has no token {b!r}")
+            return ids_of[b][0] if lowest else ids_of[b][-1]
+
+        self._byte_ids: list[int] = [single(bytes([x]), True) for x in range(256)]
+        regular = set(self._byte_ids)
+        self._rank_of: dict[tuple[int, int], int] = {}  # (id_a, id_b) -> merge rank
+        self._merged_id: list[int] = []  # merge rank -> id of the merged token
+        for r, (a, b) in enumerate(self.merges):
+            ia, ib, ic = single(a, False), single(b, False), single(a + b, False)
+            if len(a) == 1:
+                ia = self._byte_ids[a[0]]
+            if len(b) == 1:
+                ib = self._byte_ids[b[0]]
+            self._rank_of.setdefault((ia, ib), r)  # first (lowest) rank wins on duplicates
+            self._merged_id.append(ic)
+            regular.add(ic)
+
+        # Special tokens take an id with their bytes that plain BPE does not use, else a new id.
+        self.special_tokens: list[str] = list(dict.fromkeys(special_tokens or ()))
+        self._special_ids: dict[str, int] = {}
+        for s in self.special_tokens:
+            sb = s.encode("utf-8")
+            free = [i for i in ids_of.get(sb, []) if i not in regular]
+            if free:
+                sid = free[0]
+            elif sb in ids_of and len(sb) > 1:
+                sid = ids_of[sb][0]
+            else:
+                sid = max(self.vocab, default=-1) + 1
+                self.vocab[sid] = sb
+            self._special_ids[s] = sid
+        self._split = special_splitter(self.special_tokens)
+        self._max_special = max((len(s) for s in self.special_tokens), default=1)
+
+        size = max(self.vocab, default=-1) + 1
+        self._decode_table: list[bytes | None] = [None] * size
+        for i, t in self.vocab.items():
+            if i < 0:
+                raise ValueError(f"negative token id {i}")
+            self._decode_table[i] = t
+        self._cache = _BpeCache(self._bpe)  # pre-token -> id chars
+        self._pieces: dict[str, str] = {}  # space-split piece -> id chars of " " + piece
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids an embedding needs: max id + 1."""
+        return len(self._decode_table)
+
+    def token_id(self, special_token: str) -> int:
+        try:
+            return self._special_ids[special_token]
+        except KeyError:
+            raise ValueError(
+                f"{special_token!r} is not a special token of this tokenizer "
+                f"(special tokens: {self.special_tokens})"
+            ) from None
+
+    # ------------------------------------------------------------------ BPE core
+    def _bpe(self, word: str) -> list[int]:
+        """Apply merges by rank to one pre-token (cache-miss path).
+
+        Repeatedly merge the adjacent pair of lowest rank (leftmost on ties), like tiktoken. After
+        a merge only the two neighbouring pair ranks change, so `rs` is patched, not recomputed;
+        min/index run in C.
+        """
+        ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
+        if len(ids) < 2:
+            return ids
+        get, new_id = self._rank_of.get, self._merged_id
+        rs = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK)))
+        while True:
+            r = min(rs)
+            if r == _NO_RANK:
+                break
+            i = rs.index(r)
+            t = new_id[r]
+            ids[i : i + 2] = (t,)
+            del rs[i]
+            if not rs:
+                break
+            if i:
+                rs[i - 1] = get((ids[i - 1], t), _NO_RANK)
+            if i < len(rs):
+                rs[i] = get((t, ids[i + 1]), _NO_RANK)
+        return ids
+
+    def _encode_unit(self, text: str) -> str:
+        """Id chars of a text that starts and ends at safe cuts (the regex path)."""
+        return "".join(map(self._cache.__getitem__, pretokenize(text)))
+
+    def _fill_pieces(self, new: set[str]) -> None:
+        """Cache the ids of " " + piece for many new pieces with one regex pass.
+
+        Units are joined by a whitespace separator absent from all of them: between a unit that
+        ends in a non-space and one that starts with " " + non-space, GPT-2's regex makes the
+        separator a pre-token of its own, so the ids split back into units at its id.
+        """
+        ws = WHITESPACE
+        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws]
+        if not new_list:
+            return
+        joined = " ".join(new_list)
+        sep = next((c for c in "\x0c\x0b\r\t\n" if c not in joined), None)
+        if sep is None:  # every separator occurs in the text: one unit at a time
+            self._pieces.update(zip(new_list, map(self._encode_unit, map(" ".__add__, new_list))))
+            return
+        ids = self._encode_unit(" " + (sep + " ").join(new_list))
+        parts = ids.split(self._cache[sep])
+        assert len(parts) == len(new_list)
+        self._pieces.update(zip(new_list, parts))
+
+    def _encode_ordinary(self, text: str) -> str:
+        """Id chars of a text without special tokens (the split-on-space fast path)."""
+        if len(self._cache) > _CACHE_LIMIT or len(self._pieces) > _CACHE_LIMIT:
+            self._cache.clear()
+            self._pieces.clear()
+        pieces = text.split(" ")
+        cache = self._pieces
+        ws = WHITESPACE
+        vals: list[str | None] = list(map(cache.get, pieces))
+        vals[0] = None  # the first piece has no leading space
+        if vals.count(None) > 2:  # new pieces (beyond the first): fill the cache in bulk first
+            self._fill_pieces(set(compress(pieces, map(not_, vals))))
+            vals = list(map(cache.get, pieces))
+            vals[0] = None
+        n = len(pieces)
+        i = 0
+        try:
+            while True:
+                i = vals.index(None, i)  # hop to the next piece that needs work (C speed)
+                # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
+                j = i
+                while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
+                    j += 1
+                if i == j:
+                    vals[i] = ids = self._encode_unit(" " + pieces[i] if i else pieces[i])
+                    if i and pieces[i] and pieces[i][-1] not in ws:
+                        cache[pieces[i]] = ids
+                else:
+                    vals[i] = self._encode_unit((" " if i else "") + " ".join(pieces[i : j + 1]))
+                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
+                i = j + 1
+        except ValueError:  # no None left
+            pass
+        return "".join(vals)
+
+    def _encode_chars(self, text: str) -> str:
+        """Id chars of any text: special tokens (longest first) kept whole."""
+        if self._split is None:
+            return self._encode_ordinary(text) if text else ""
+        out = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(chr(self._special_ids[part]))
+            elif part:
+                out.append(self._encode_ordinary(part))
+        return "".join(out)
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, text: str) -> list[int]:
+        # one id per character: utf-32 turns the string into machine ints in one C call
+        return array("I", self._encode_chars(text).encode("utf-32-le", "surrogatepass")).tolist()
+
+    def encode_to_array(self, text: str, dtype=None):
+        """encode() straight into a NumPy array (uint16/uint32 by vocab size unless dtype given)."""
+        import numpy as np
+
+        from llm.bpe.encode_file import token_dtype
+
+        chars = self._encode_chars(text)
+        arr = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        return arr.astype(dtype or token_dtype(self.vocab_size))
+
+    def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
+        """Lazily encode a stream of strings (e.g. a file's lines) exactly as encode("".join(...)).
+
+        Text is buffered until a safe cut (see pretokenize.py) lets the head be encoded without
+        any pre-token or special token changing when more text arrives; memory stays bounded by
+        the buffer (~64K chars plus the longest run without a safe cut) and the pre-token cache.
+        """
+        specials = self.special_tokens
+        buf = ""
+        next_try = _STREAM_MIN
+        for piece in iterable:
+            buf += piece
+            if len(buf) < next_try:
+                continue
+            p = rfind_cut(buf, specials)
+            if p > 0:
+                yield from self.encode(buf[:p])
+                buf = buf[p:]
+                next_try = _STREAM_MIN
+            else:  # no safe cut yet: wait for twice as much text (keeps the search linear)
+                next_try = 2 * len(buf)
+        if buf:
+            yield from self.encode(buf)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Concatenate token bytes; invalid UTF-8 becomes U+FFFD."""
+        table = self._decode_table
+        try:
+            data = b"".join([table[i] for i in ids])
+        except (IndexError, TypeError):
+            bad = next(i for i in ids if not (0 <= int(i) < len(table)) or table[int(i)] is None)
+            raise ValueError(f"unknown token id {bad} (vocab_size {self.vocab_size})") from None
+        return data.decode("utf-8", errors="replace")
+
+    def encode_file(
+        self,
+        input_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        num_workers: int | None = None,
+        progress: bool = True,
+    ) -> int:
+        """Encode a UTF-8 file to a .npy of uint16 (uint32 above 65,536 ids) in parallel chunks;
+        returns the number of tokens."""
+        from llm.bpe.encode_file import encode_file
+
+        return encode_file(self, input_path, output_path, num_workers, progress)
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_files(
+        cls,
+        vocab_path: str | os.PathLike,
+        merges_path: str | os.PathLike,
+        special_tokens: Sequence[str] | None = None,
+        _special_ids: dict[str, int] | None = None,
+    ) -> BpeTokenizer:
+        """Load GPT-2 format files: vocab.json {token string: id} and merges.txt (`a b` per line)."""
+        try:
+            raw = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read vocab file {vocab_path}: {e}") from None
+        vocab = {int(i): str_to_token(s) for s, i in raw.items()}
+        for s, i in (_special_ids or {}).items():
+            vocab[int(i)] = s.encode("utf-8")
+        merges: list[tuple[bytes, bytes]] = []
+        try:
+            lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+        except OSError as e:
+            raise ValueError(f"cannot read merges file {merges_path}: {e}") from None
+        for n, line in enumerate(lines, 1):
+            if not line or (n == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"{merges_path}:{n}: expected 'a b', got {line!r}")
+            merges.append((str_to_token(parts[0]), str_to_token(parts[1])))
+        return cls(vocab, merges, special_tokens)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write vocab.json + merges.txt (GPT-2 format) and tokenizer_config.json (special tokens)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        special_ids = set(self._special_ids.values())
+        vocab_json: dict[str, int] = {}
+        for i in sorted(self.vocab):
+            s = token_to_str(self.vocab[i])
+            if s not in vocab_json:  # a special equal to a regular token lives in the config only
+                vocab_json[s] = i
+            elif i not in special_ids:
+                raise ValueError(f"two regular tokens with the same bytes {self.vocab[i]!r}")
+        merges_txt = "#version: 0.2\n" + "".join(
+            f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in self.merges
+        )
+        config = {
+            "format": "gpt2 byte-level BPE (vocab.json + merges.txt)",
+            "special_tokens": self._special_ids,
+            "vocab_size": self.vocab_size,
+        }
+        _atomic_write(d / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
+        _atomic_write(d / "merges.txt", merges_txt)
+        _atomic_write(d / CONFIG_NAME, json.dumps(config, ensure_ascii=False, indent=1) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> BpeTokenizer:
+        """Inverse of save(); a directory without tokenizer_config.json loads with no specials."""
+        d = Path(directory)
+        if not (d / "vocab.json").is_file() or not (d / "merges.txt").is_file():
+            raise ValueError(f"{d} is not a tokenizer directory (needs vocab.json and merges.txt)")
+        special_ids: dict[str, int] = {}
+        if (d / CONFIG_NAME).is_file():
+            special_ids = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))["special_tokens"]
+        return cls.from_files(d / "vocab.json", d / "merges.txt", list(special_ids), special_ids)
+
+    def __repr__(self) -> str:
+        return (f"BpeTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={self.special_tokens})")
+

@@ -1,0 +1,575 @@
+"""Token data: random training batches from memmapped arrays, validated opening, corpus preparation.
+
+Layout of a prepared directory (see data/README.md)::
+
+    DIR/train.npy, DIR/val.npy   1-D uint16 token ids (uint32 when the vocabulary exceeds 65,536)
+    DIR/tokenizer/               BPE tokenizer trained on the training split (vocab.json, merges.txt)
+    DIR/meta.json                vocab size, token counts, bytes/token, unigram entropy, source sha256
+
+CLI::
+
+    uv run -m llm.data generate --out data/demo/stories.txt [--size-mb 5 --seed 0]
+    uv run -m llm.data prepare --input FILE --vocab-size N --out DIR [--val-fraction 0.05 | --val-input FILE]
+    uv run -m llm.data demo                        # generate + prepare data/demo (what training runs)
+    uv run -m llm.data download tinystories|owt [--out data/] [--url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import mmap
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+EOT = "<|endoftext|>"
+META_FORMAT = 1
+_CHUNK = 1 << 22  # tokens per chunk in full passes: bounded memory (~32 MiB as int64)
+_FULL_CHECK_MAX = 1 << 24  # open_tokens checks every id up to this many tokens, a fixed sample beyond
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def get_batch(
+    dataset: np.ndarray,
+    batch_size: int,
+    context_length: int,
+    device: str | torch.device,
+    rng: np.random.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``batch_size`` windows of ``context_length + 1`` tokens; return inputs and next-token targets.
+
+    x[b, t] = dataset[s_b + t], y[b, t] = dataset[s_b + t + 1], with starts s_b uniform over
+    [0, len(dataset) - context_length - 1] (every start, including the last, is reachable).
+    Works on ``np.memmap``: one vectorised gather of a (batch, context+1) index array reads only the
+    touched pages, never the whole file. ``rng=None`` draws from NumPy's global RandomState, so
+    ``np.random.seed`` makes it reproducible; pass a ``np.random.Generator`` for explicit control.
+    Returns int64 tensors (batch, context_length) on ``device`` (pinned + non_blocking on CUDA).
+    """
+    import torch  # here, not at module level: the data CLIs and inspect_data.py start faster without it
+
+    if isinstance(dataset, torch.Tensor):
+        dataset = dataset.detach().cpu().numpy()
+    if batch_size < 1 or context_length < 1:
+        raise ValueError(f"batch_size and context_length must be >= 1, got {batch_size} and {context_length}")
+    n = len(dataset)
+    if n < context_length + 1:
+        raise ValueError(
+            f"dataset has {n} tokens but a batch needs context_length + 1 = {context_length + 1}; "
+            "use a smaller context_length or more data"
+        )
+    high = n - context_length  # exclusive: the last start is n - context_length - 1
+    starts = rng.integers(0, high, size=batch_size) if rng is not None else np.random.randint(0, high, size=batch_size)
+    idx = starts.astype(np.int64)[:, None] + np.arange(context_length + 1, dtype=np.int64)
+    windows = torch.from_numpy(np.asarray(dataset[idx]).astype(np.int64, copy=False))
+    x = windows[:, :-1].contiguous()
+    y = windows[:, 1:].contiguous()
+    device = torch.device(device)
+    if device.type == "cuda":
+        # Pinned host memory lets the copy run asynchronously with the previous step's compute.
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------- token arrays
+
+
+def open_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """Open a 1-D integer ``.npy`` token array as a read-only memmap, after validating it.
+
+    Checks: the file exists and is a readable .npy (not truncated), 1-D, integer dtype, non-empty,
+    and (when ``vocab_size`` is given) ids in [0, vocab_size) on every token for arrays up to 16M
+    tokens, otherwise on a deterministic sample of 64 blocks plus the first and last block.
+    Raises FileNotFoundError / ValueError with one line that says what is wrong.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such token file (create it with `uv run -m llm.data prepare`)")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory; pass the .npy file (e.g. {p / 'train.npy'})")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError/UnpicklingError for bad files
+        size = p.stat().st_size
+        raise ValueError(f"{p}: not a valid .npy token array ({size} bytes; corrupt or truncated?): {e}") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{p}: expected a single array (.npy), got {type(arr).__name__}")
+    if arr.ndim != 1:
+        raise ValueError(f"{p}: expected a 1-D token array, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{p}: expected integer token ids (uint16/uint32), got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"{p}: token array is empty")
+    if vocab_size is not None:
+        lo, hi, where = _sampled_range(arr)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{p}: token id {bad} (near position {where}) is outside [0, {vocab_size}); "
+                "the array was encoded with a different tokenizer or vocab_size is wrong"
+            )
+    return arr
+
+
+def _sampled_range(arr: np.ndarray, block: int = 1 << 16, blocks: int = 64) -> tuple[int, int, int]:
+    """(min, max, position of the first offending extreme) over all of ``arr`` or a fixed sample."""
+    n = len(arr)
+    if n <= _FULL_CHECK_MAX:
+        starts = range(0, n, _CHUNK)
+        size = _CHUNK
+    else:
+        g = np.random.default_rng(0)  # fixed: the same blocks every time, so results are reproducible
+        starts = sorted({0, n - block, *g.integers(0, n - block, size=blocks).tolist()})
+        size = block
+    lo, hi, lo_at, hi_at = None, None, 0, 0
+    for s in starts:
+        chunk = read_range(arr, s, s + size)
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        if lo is None or cmin < lo:
+            lo, lo_at = cmin, s + int(chunk.argmin())
+        if hi is None or cmax > hi:
+            hi, hi_at = cmax, s + int(chunk.argmax())
+    return lo, hi, (lo_at if lo < 0 else hi_at)
+
+
+def read_range(arr: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``arr[start:stop]`` as an in-memory array. For a memmap opened from a file (np.load with
+    mmap_mode) it reads the bytes with a plain file read instead of touching the mapping, so a full
+    pass over a large array keeps resident memory at one chunk rather than growing with the file."""
+    stop = min(stop, len(arr))
+    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename and arr.ndim == 1 and stop > start:
+        with open(arr.filename, "rb") as f:
+            f.seek(arr.offset + start * arr.itemsize)
+            out = np.fromfile(f, dtype=arr.dtype, count=stop - start)
+        if len(out) == stop - start:
+            return out
+    return np.asarray(arr[start:stop])
+
+
+def token_counts(arr: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Exact histogram of token ids in one chunked pass (bounded memory)."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for s in range(0, len(arr), _CHUNK):
+        c = np.bincount(read_range(arr, s, s + _CHUNK).astype(np.int64, copy=False), minlength=minlength)
+        if len(c) > len(counts):
+            c[: len(counts)] += counts
+            counts = c
+        else:
+            counts[: len(c)] += c
+    return counts
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy in nats of the unigram distribution ``counts / counts.sum()``: the loss of a model
+    that ignores context, i.e. the bar a language model has to get well below."""
+    p = counts[counts > 0].astype(np.float64)
+    p /= p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ----------------------------------------------------------------------------- preparation helpers
+
+
+def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B006 (intentional memo)
+    """sha256 of a file, memoised on (path, size, mtime) so idempotent reruns hash each file once."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def _tmp_path(final: Path) -> Path:
+    """A fresh temp name next to ``final`` (same filesystem, so os.replace is atomic)."""
+    return final.with_name(f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "x") as f:  # "x" + the process umask: normal permissions, unlike mkstemp's 0600
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def iter_documents(path: str | os.PathLike, separator: str) -> Iterator[str]:
+    """Stream the non-empty documents of a text file split on ``separator`` (whitespace-stripped)."""
+    buf = ""
+    with open(path, encoding="utf-8", newline="") as f:
+        while block := f.read(1 << 23):
+            buf += block
+            parts = buf.split(separator)
+            buf = parts.pop()  # the tail may continue in the next block
+            for doc in parts:
+                if doc := doc.strip():
+                    yield doc
+    if doc := buf.strip():
+        yield doc
+
+
+def _file_contains(path: Path, needle: str) -> bool:
+    tail = ""
+    with open(path, encoding="utf-8", newline="") as f:
+        while block := f.read(1 << 23):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle) :]
+    return False
+
+
+def split_documents(
+    input_path: Path, train_path: Path, val_path: Path, val_fraction: float, separator: str, seed: int = 0
+) -> dict:
+    """Write whole documents to a train and a val file; the val set is a seeded random sample of
+    ``max(1, round(val_fraction * n))`` documents (deterministic, order preserved in both files).
+
+    Documents are separated by ``separator`` (written back as ``doc\\n<sep>\\n``); a file without it is
+    split on blank lines (paragraphs, joined back with a blank line)."""
+    try:
+        has_sep = _file_contains(input_path, separator)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{input_path}: not UTF-8 text ({e})") from None
+    sep, joiner = (separator, f"\n{separator}\n") if has_sep else ("\n\n", None)
+    n = sum(1 for _ in iter_documents(input_path, sep))
+    if n < 2:
+        raise ValueError(
+            f"{input_path}: found {n} document(s); need >= 2 to split off a validation set "
+            f"(separate documents with a line {separator!r} or pass --val-input FILE)"
+        )
+    k = min(n - 1, max(1, round(val_fraction * n)))
+    val_ids = set(random.Random(seed).sample(range(n), k))
+    tmps = {"train": _tmp_path(train_path), "val": _tmp_path(val_path)}
+    files = {}
+    try:
+        for name, tmp in tmps.items():
+            files[name] = open(tmp, "x", encoding="utf-8", newline="")
+        stats = {"train_documents": 0, "val_documents": 0}
+        for i, doc in enumerate(iter_documents(input_path, sep)):
+            which = "val" if i in val_ids else "train"
+            if has_sep:
+                files[which].write(doc + joiner)
+            else:  # paragraphs: a blank line between them, a newline at the end
+                files[which].write(("\n\n" if stats[f"{which}_documents"] else "") + doc)
+            stats[f"{which}_documents"] += 1
+        for f in files.values():
+            if not has_sep:
+                f.write("\n")
+            f.close()
+        os.replace(tmps["train"], train_path)
+        os.replace(tmps["val"], val_path)
+    except BaseException:
+        for f in files.values():
+            f.close()
+        for t in tmps.values():
+            t.unlink(missing_ok=True)
+        raise
+    stats["separator"] = separator if has_sep else "blank line"
+    return stats
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """Exclusive lock so concurrent callers (e.g. torchrun ranks) prepare a directory only once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; callers there run one process anyway
+        yield
+        return
+    with open(directory / ".lock", "a") as f:  # "a": never truncate (an idempotent rerun changes nothing)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def load_meta(out_dir: str | os.PathLike) -> dict:
+    """Read DIR/meta.json and resolve its relative paths (``train``, ``val``, ``tokenizer_dir``) against DIR."""
+    d = Path(out_dir)
+    p = d / "meta.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: missing; run `uv run -m llm.data prepare --out {d} ...` first")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); delete it and re-run prepare") from None
+    for key in ("train", "val", "tokenizer_dir"):
+        if key in meta:
+            meta[key] = str(d / meta[key])
+    meta["dir"] = str(d)
+    return meta
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    val_fraction: float = 0.05,
+    val_input: str | os.PathLike | None = None,
+    force: bool = False,
+    special_tokens: tuple[str, ...] | list[str] = (EOT,),
+    num_workers: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Text file -> tokenizer + ``train.npy`` / ``val.npy`` + ``meta.json`` in ``out_dir``.
+
+    Steps: (1) split whole documents into train/val text (skipped with ``val_input``), (2) train the
+    BPE tokenizer on the training text only (no val leakage into merges), (3) encode train, (4) encode
+    val, (5) write meta.json. Each step writes to a temp path and renames, and records a fingerprint
+    of its inputs in DIR/.prepare_state.json; a rerun skips every step whose fingerprint and outputs are
+    present (idempotent), and an interrupted run redoes only the unfinished steps. ``force`` redoes all.
+    Returns ``load_meta(out_dir)``.
+    """
+    from llm.bpe_tokenizer import BpeTokenizer, train_bpe  # lazy: data users without prepare need not import it
+
+    src = Path(input_path)
+    out = Path(out_dir)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: input text file not found")
+    if val_input is not None and not Path(val_input).is_file():
+        raise FileNotFoundError(f"{val_input}: validation text file not found")
+    if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size must be an integer >= 256 + {len(special_tokens)} special tokens, got {vocab_size}")
+    if val_input is None and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    special_tokens = list(special_tokens)
+    t_start = time.perf_counter()
+    with _dir_lock(out):
+        state_path = out / ".prepare_state.json"
+        state = {} if force or not state_path.exists() else json.loads(state_path.read_text())
+
+        def run_step(name: str, fingerprint: dict, outputs: list[Path], fn) -> None:
+            if state.get(name) == fingerprint and all(o.exists() for o in outputs):
+                _log(f"prepare: {name}: up to date, skipped", quiet)
+                return
+            t0 = time.perf_counter()
+            _log(f"prepare: {name} ...", quiet)
+            state.pop(name, None)
+            _write_json_atomic(state_path, state)  # a crash mid-step must not leave a stale "done"
+            fn()
+            state[name] = fingerprint
+            _write_json_atomic(state_path, state)
+            _log(f"prepare: {name}: done in {time.perf_counter() - t0:.1f}s", quiet)
+
+        source_sha = sha256_file(src)
+        split_info: dict = {}
+        if val_input is None:
+            train_txt, val_txt = out / "train.txt", out / "val.txt"
+            split_fp = {"source_sha256": source_sha, "val_fraction": val_fraction, "separator": special_tokens[0] if special_tokens else EOT, "seed": 0}
+
+            def do_split() -> None:
+                split_info.update(split_documents(src, train_txt, val_txt, val_fraction, split_fp["separator"]))
+                _write_json_atomic(out / ".split.json", split_info)
+
+            run_step("split", split_fp, [train_txt, val_txt, out / ".split.json"], do_split)
+            split_info = json.loads((out / ".split.json").read_text())
+        else:
+            train_txt, val_txt = src, Path(val_input)
+
+        tok_dir = out / "tokenizer"
+        train_sha, val_sha = sha256_file(train_txt), sha256_file(val_txt)
+        tok_fp = {"train_sha256": train_sha, "vocab_size": vocab_size, "special_tokens": special_tokens}
+
+        def do_tokenizer() -> None:
+            vocab, merges = train_bpe(str(train_txt), vocab_size, special_tokens, num_workers=num_workers, progress=None if not quiet else False)
+            tmp = _tmp_path(tok_dir)
+            tmp.mkdir()
+            try:
+                BpeTokenizer(vocab, merges, special_tokens).save(str(tmp))
+                if tok_dir.exists():
+                    shutil.rmtree(tok_dir)
+                os.replace(tmp, tok_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+        run_step("tokenizer", tok_fp, [tok_dir], do_tokenizer)
+        tok = None
+
+        def encode(text: Path, final: Path) -> None:
+            nonlocal tok
+            tok = tok or BpeTokenizer.load(str(tok_dir))
+            tmp = final.with_name(f".{final.stem}.tmp.npy")
+            try:
+                tok.encode_file(str(text), str(tmp), num_workers=num_workers, progress=not quiet)
+                open_tokens(tmp, tok.vocab_size)  # never publish an array the tokenizer could not have made
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        for split, text, sha in (("train", train_txt, train_sha), ("val", val_txt, val_sha)):
+            fp = {"text_sha256": sha, "tokenizer": tok_fp}
+            run_step(f"encode_{split}", fp, [out / f"{split}.npy"], lambda t=text, s=split: encode(t, out / f"{s}.npy"))
+
+        meta_fp = {k: state.get(k) for k in ("split", "tokenizer", "encode_train", "encode_val")}
+
+        def do_meta() -> None:
+            t = tok or BpeTokenizer.load(str(tok_dir))
+            train = open_tokens(out / "train.npy", t.vocab_size)
+            val = open_tokens(out / "val.npy", t.vocab_size)
+            counts = token_counts(train, t.vocab_size)
+            specials = {s: t.token_id(s) for s in special_tokens}
+            eot_id = specials.get(EOT, next(iter(specials.values()), None))
+            train_bytes, val_bytes = train_txt.stat().st_size, val_txt.stat().st_size
+            meta = {
+                "format": META_FORMAT,
+                "vocab_size": t.vocab_size,
+                "requested_vocab_size": vocab_size,
+                "special_tokens": specials,
+                "eot_id": eot_id,
+                "dtype": str(train.dtype),
+                "train": "train.npy",
+                "val": "val.npy",
+                "tokenizer_dir": "tokenizer",
+                "train_tokens": int(len(train)),
+                "val_tokens": int(len(val)),
+                "train_text_bytes": train_bytes,
+                "val_text_bytes": val_bytes,
+                "bytes_per_token": round(train_bytes / len(train), 4),
+                "val_bytes_per_token": round(val_bytes / len(val), 4),
+                "train_documents": split_info.get("train_documents"),
+                "val_documents": split_info.get("val_documents"),
+                "unigram_entropy": round(unigram_entropy(counts), 6),
+                "unigram_entropy_bits": round(unigram_entropy(counts) / math.log(2), 6),
+                "vocab_used": int((counts > 0).sum()),
+                "source": str(src),
+                "source_sha256": source_sha,
+                "val_source": str(val_input) if val_input is not None else None,
+                "val_source_sha256": val_sha if val_input is not None else None,
+                "val_fraction": None if val_input is not None else val_fraction,
+                "split_seed": None if val_input is not None else 0,
+            }
+            if eot_id is not None and meta["train_documents"] is None:
+                meta["train_documents"] = int(counts[eot_id])
+                meta["val_documents"] = int(np.count_nonzero(np.asarray(val) == eot_id))
+            _write_json_atomic(out / "meta.json", meta)
+
+        run_step("meta", meta_fp, [out / "meta.json"], do_meta)
+    meta = load_meta(out)
+    _log(
+        f"prepare: {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']}, "
+        f"{meta['bytes_per_token']:.2f} bytes/token, unigram entropy {meta['unigram_entropy']:.3f} nats "
+        f"({time.perf_counter() - t_start:.1f}s)",
+        quiet,
+    )
+    return meta
+
+
+def ensure_demo_data(
+    out_dir: str | os.PathLike = "data/demo", vocab_size: int = 4096, size_mb: float = 5.0, seed: int = 0, quiet: bool = False
+) -> dict:
+    """Generate the built-in story corpus and prepare it, unless both are already done (idempotent).
+
+    This is what the default training run calls. Regenerates the corpus when ``size_mb``, ``seed`` or
+    the generator version changed; ``prepare`` then redoes only what depends on it.
+    """
+    from llm.stories import GENERATOR_VERSION, generate_stories
+
+    out = Path(out_dir)
+    stories = out / "stories.txt"
+    info_path = out / "stories.json"
+    want = {"size_mb": size_mb, "seed": seed, "generator_version": GENERATOR_VERSION}
+    with _dir_lock(out):
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        fresh = stories.exists() and {k: info.get(k) for k in want} == want and info.get("sha256") == sha256_file(stories)
+        if not fresh:
+            _log(f"ensure_demo_data: generating {size_mb} MB of synthetic stories (seed {seed}) -> {stories}", quiet)
+            stats = generate_stories(stories, size_mb=size_mb, seed=seed, progress=not quiet)
+            stats["sha256"] = sha256_file(stories)
+            _write_json_atomic(info_path, stats)
+    return prepare(stories, out, vocab_size, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llm.data", description="Generate, prepare and download training data.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="write the built-in synthetic story corpus")
+    g.add_argument("--out", default="data/demo/stories.txt")
+    g.add_argument("--size-mb", type=float, default=5.0, help="size in MB (10^6 bytes)")
+    g.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prepare", help="split, train the tokenizer, encode to train.npy/val.npy + meta.json")
+    p.add_argument("--input", required=True, help="training text (documents separated by a line <|endoftext|>)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, required=True)
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out (default 0.05)")
+    grp.add_argument("--val-input", default=None, help="use this file as validation text instead of splitting")
+    p.add_argument("--special-token", action="append", default=None, help=f"special token (repeatable; default {EOT})")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="redo every step")
+
+    d = sub.add_parser("demo", help="generate + prepare the built-in corpus (idempotent)")
+    d.add_argument("--out", default="data/demo")
+    d.add_argument("--vocab-size", type=int, default=4096)
+    d.add_argument("--size-mb", type=float, default=5.0)
+    d.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("download", help="fetch TinyStories / OpenWebText sample (see --help there)", add_help=False)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["download"]:
+        from llm.download import main as download_main
+
+        return download_main(argv[1:])
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "generate":
+            from llm.stories import generate_stories
+
+            stats = generate_stories(args.out, size_mb=args.size_mb, seed=args.seed)
+            print(json.dumps(stats, indent=2))
+        elif args.cmd == "prepare":
+            meta = prepare(
+                args.input, args.out, args.vocab_size, val_fraction=args.val_fraction, val_input=args.val_input,
+                force=args.force, special_tokens=tuple(args.special_token or (EOT,)), num_workers=args.num_workers,
+            )
+            print(json.dumps(meta, indent=2))
+        elif args.cmd == "demo":
+            meta = ensure_demo_data(args.out, vocab_size=args.vocab_size, size_mb=args.size_mb, seed=args.seed)
+            print(json.dumps(meta, indent=2))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

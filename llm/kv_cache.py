@@ -1,0 +1,52 @@
+"""Key/value cache for incremental decoding.
+
+Each layer's keys (after RoPE) and values are written at positions [length, length + s) of
+preallocated (b h_kv max_len d) buffers; attention then reads [0, length + s). `Transformer.forward`
+advances `length` once all layers have written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if min(num_layers, batch, num_kv_heads, max_len, head_dim) <= 0:
+            raise ValueError("KVCache sizes must all be positive")
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+        self.v = torch.zeros_like(self.k)
+        self.num_layers, self.batch, self.max_len = num_layers, batch, max_len
+        self.length = 0
+
+    def check_room(self, batch: int, new: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"batch size {batch} does not match the KV cache's {self.batch}")
+        if self.length + new > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {new} tokens exceed max_len {self.max_len}")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (b h_kv s d) after the current length; return all keys/values so far."""
+        end = self.length + k.shape[-2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length

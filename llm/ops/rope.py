@@ -1,0 +1,55 @@
+"""Rotary position embedding (RoPE) on adjacent pairs.
+
+Pair k of a vector, (x[2k], x[2k+1]), is rotated by the angle θ_k(pos) = pos / theta^(2k/d):
+    forward:  y[... s 2k]   = x[2k] cos θ − x[2k+1] sin θ
+              y[... s 2k+1] = x[2k] sin θ + x[2k+1] cos θ
+Seen as complex numbers z_k = x[2k] + i x[2k+1] this is one multiplication y = z · e^{iθ}, so
+    backward: dz = dy · e^{−iθ}         (the inverse rotation: a rotation's Jacobian is orthogonal)
+cos/sin: (... s d/2), broadcastable against x (... s d).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+_COMPLEX_OK = (torch.float32, torch.float64)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """Rotate pairs of x by ±θ; returns a fresh contiguous tensor in x's dtype."""
+    dtype = x.dtype
+    xc = x if dtype in _COMPLEX_OK else x.float()  # complex views need fp32/fp64
+    if xc.stride(-1) != 1 or any(st % 2 for st in xc.stride()[:-1]):
+        xc = xc.contiguous()
+    z = torch.view_as_complex(xc.unflatten(-1, (-1, 2)))
+    rot = torch.complex(cos.to(xc.dtype), sin.to(xc.dtype) * sign)
+    shape = torch.broadcast_shapes(z.shape, rot.shape)
+    # out= makes the result contiguous even when x is a transposed view (e.g. heads split from qkv)
+    out = torch.empty(shape, dtype=z.dtype, device=z.device)
+    torch.mul(z, rot, out=out)
+    y = torch.view_as_real(out).flatten(-2)
+    return y if dtype in _COMPLEX_OK else y.to(dtype)
+
+
+class RopeFn(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape = x.shape
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        dx = _rotate(dy, cos, sin, -1.0)
+        if dx.shape != ctx.x_shape:  # x was broadcast against wider position tables
+            dx = dx.sum_to_size(ctx.x_shape)
+        return dx, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (... s d) by the angles whose cos/sin are given as (... s d/2)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"RoPE needs an even last dimension, got {x.shape[-1]}")
+    return RopeFn.apply(x, cos, sin)

@@ -1,0 +1,265 @@
+"""Optimisers, learning-rate schedule and gradient clipping, written on tensor ops.
+
+Four small pieces the training loop uses every step:
+
+- `AdamW`: Adam with decoupled weight decay (Loshchilov & Hutter, 2019), numerically the same as
+  `torch.optim.AdamW` (same op order, so the same rounding), with a multi-tensor (`torch._foreach_*`) path.
+- `SGDDecay`: SGD whose step size decays as lr / sqrt(t + 1) (the CS336 warm-up exercise).
+- `cos_lr_scheduler`: linear warm-up, cosine decay to `min_lr`, then constant `min_lr`.
+- `gradient_clip`: rescale all gradients together when their global L2 norm exceeds a maximum.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+CPU_CHUNK = 1 << 20  # elements per chunk of the CPU update: 4 MiB per fp32 tensor, ~20 MiB in flight (L3-sized)
+
+
+def _check_range(name: str, value: float, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
+    ok = low <= value < high if high_open else low <= value <= high
+    if not (isinstance(value, (int, float)) and ok):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def _undecorated(name: str) -> Callable[..., Any]:
+    """torch.optim.Optimizer's method `name` without its @torch._disable_dynamo wrapper, whose first call
+    imports torch._dynamo (4+ s of start-up for every process that builds an optimizer)."""
+    method = getattr(torch.optim.Optimizer, name)
+    return getattr(method, "__wrapped__", method)
+
+
+class _Optimizer(torch.optim.Optimizer):
+    """The base class, minus the torch._dynamo import. When dynamo is already loaded (torch.compile in use)
+    the decorated methods run unchanged, so compiled code still sees them as it expects."""
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if "torch._dynamo" in sys.modules:
+            return getattr(super(), name)(*args)
+        return _undecorated(name)(self, *args)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._call("add_param_group", param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._call("zero_grad", set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._call("state_dict")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._call("load_state_dict", state_dict)
+
+
+class AdamW(_Optimizer):
+    """Adam with decoupled weight decay.
+
+    For each parameter θ with gradient g at step t = 1, 2, ... (per group: lr α, betas β1 β2, eps ε, decay λ):
+
+        θ ← θ · (1 − α λ)                     decay is applied to θ, not added to g ("decoupled")
+        m ← β1 m + (1 − β1) g                 (computed as m.lerp_(g, 1 − β1), as torch does)
+        v ← β2 v + (1 − β2) g²
+        θ ← θ − α / (1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
+
+    State per parameter: "step" (float32 scalar tensor on the CPU), "exp_avg" m, "exp_avg_sq" v, the same
+    keys and types as torch.optim.AdamW, so state dicts load in either direction. `group["lr"]` may be
+    changed between steps (the scheduler does). `foreach=None` picks the multi-tensor path on CUDA and the
+    per-tensor path on the CPU (there `_foreach_*` is just a Python-free loop of the same kernels, and the
+    per-tensor path reuses one scratch buffer instead of allocating √v for every tensor every step).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_range("lr", lr, 0.0)
+        _check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        _check_range("eps", eps, 0.0)
+        _check_range("weight_decay", weight_decay, 0.0)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+        # Scratch for √v, per (device, dtype): not optimizer state, never saved.
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._scratch = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # Bucket by (device, dtype): _foreach_* ops need homogeneous lists.
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("AdamW does not support sparse gradients")
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, _), params in buckets.items():
+                foreach = group.get("foreach")
+                if foreach is None:
+                    foreach = device.type == "cuda"
+                (self._step_foreach if foreach else self._step_single)(group, params)
+        return loss
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _step_single(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        device, dtype = params[0].device, params[0].dtype
+        # On the CPU, run all the update's ops on one cache-sized chunk before moving to the next: the same
+        # arithmetic element by element (so the same bits), but p, g, m, v stream from DRAM once instead
+        # of once per op. On accelerators a whole tensor per op is better (fewer kernel launches).
+        chunk = CPU_CHUNK if device.type == "cpu" else max(p.numel() for p in params)
+        scratch = self._scratch.get((device, dtype))
+        if scratch is None or scratch.numel() < chunk:
+            scratch = self._scratch[(device, dtype)] = torch.empty(chunk, device=device, dtype=dtype)
+        for p in params:
+            state = self._state(p)
+            state["step"] += 1
+            t = state["step"].item()
+            decay, step_size, bc2_sqrt = 1 - lr * wd, lr / (1 - beta1**t), (1 - beta2**t) ** 0.5
+            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            if all(x.is_contiguous() for x in tensors):
+                n = p.numel()
+                flat = [x.view(-1) for x in tensors]
+                pieces = [[x[i : i + chunk] for x in flat] for i in range(0, n, chunk)]
+            else:  # rare (e.g. an expanded gradient): whole tensors, √v allocated
+                pieces = [list(tensors)]
+            for param, grad, m, v in pieces:
+                if wd != 0:
+                    param.mul_(decay)
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if v.numel() <= scratch.numel() and v.is_contiguous():
+                    denom = torch.sqrt(v, out=scratch[: v.numel()].view_as(v))  # no allocation per step
+                else:
+                    denom = v.sqrt()
+                denom.div_(bc2_sqrt).add_(eps)
+                param.addcdiv_(m, denom, value=-step_size)
+
+    def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = [self._state(p) for p in params]
+        grads = [p.grad for p in params]
+        ms = [s["exp_avg"] for s in states]
+        vs = [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        ts = [s.item() for s in steps]  # CPU scalars: no device sync
+        step_sizes = [-lr / (1 - beta1**t) for t in ts]
+        denoms = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in ts])
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(params, ms, denoms, step_sizes)
+
+
+class SGDDecay(_Optimizer):
+    """SGD with a 1/√(t+1) step-size decay: θ ← θ − lr / √(t + 1) · g, with t = 0, 1, 2, ... per parameter.
+
+    State per parameter: "t" (int), the number of steps taken so far.
+    """
+
+    def __init__(self, params: ParamsT, lr: float = 1e-3) -> None:
+        _check_range("lr", lr, 0.0)
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                t = state.get("t", 0)
+                p.add_(p.grad, alpha=-group["lr"] / math.sqrt(t + 1))
+                state["t"] = t + 1
+        return loss
+
+
+def cos_lr_scheduler(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int) -> float:
+    """Learning rate at iteration `it` (CS336 semantics):
+
+        it < warmup:                  it / warmup · max_lr                       (linear warm-up from 0)
+        warmup ≤ it ≤ cycle:          min + ½ (1 + cos(π (it − warmup) / (cycle − warmup))) (max − min)
+        it > cycle:                   min_lr
+    """
+    if it < 0:
+        raise ValueError(f"iteration must be >= 0, got {it}")
+    if warmup_iters < 0:
+        raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+    if cosine_cycle_iters < warmup_iters:
+        raise ValueError(f"cosine_cycle_iters ({cosine_cycle_iters}) must be >= warmup_iters ({warmup_iters})")
+    if not 0 <= min_lr <= max_lr:
+        raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if it < warmup_iters:
+        return it / warmup_iters * max_lr
+    if it > cosine_cycle_iters:
+        return min_lr
+    if cosine_cycle_iters == warmup_iters:  # zero-length cosine: the warm-up peak, then min_lr
+        return max_lr
+    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+@torch.no_grad()
+def gradient_clip(params: Iterable[torch.Tensor], max_l2_norm: float, eps: float = 1e-6) -> float:
+    """Clip gradients by their global L2 norm ‖g‖ = √(Σ_p Σ_i g_pi²) over every parameter with a gradient.
+
+    When ‖g‖ > max_l2_norm every gradient is scaled in place by max_l2_norm / (‖g‖ + eps).
+    Returns ‖g‖ before clipping (0.0 when no parameter has a gradient). A non-finite norm leaves the
+    gradients untouched and is returned as is, so the caller can stop with a clear message.
+    """
+    if not max_l2_norm > 0:
+        raise ValueError(f"max_l2_norm must be > 0, got {max_l2_norm}")
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_device.setdefault(p.grad.device, []).append(p.grad)
+    if not by_device:
+        return 0.0
+    # One norm per tensor (float32 accumulation even for bf16 grads), then the norm of those norms.
+    norms = []
+    for grads in by_device.values():
+        norms.extend(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+    first = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms])).item()
+    if math.isfinite(total) and total > max_l2_norm:
+        scale = max_l2_norm / (total + eps)
+        for grads in by_device.values():
+            torch._foreach_mul_(grads, scale)
+    return total

@@ -1,0 +1,413 @@
+"""A decoder-only Transformer language model built from the hand-written autograd ops in `llm.ops`.
+
+Pre-norm blocks (x + attn(ln1(x)), then + ffn(ln2(x))), RoPE, SwiGLU, RMSNorm, optional grouped-query
+attention and weight tying. Module and parameter names follow the CS336 layout, so its state dicts load
+with `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llm.config import ModelConfig, default_d_ff
+from llm.kv_cache import KVCache
+from llm.ops.attention import causal_attention, scaled_dot_product_attention
+from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from llm.ops.embedding import embedding
+from llm.ops.linear import linear
+from llm.ops.rmsnorm import rms_norm
+from llm.ops.rope import rope
+from llm.ops.softmax import softmax
+from llm.ops.swiglu import silu, swiglu
+
+__all__ = [
+    "CrossEntropyLoss",
+    "Embedding",
+    "FFN",
+    "Linear",
+    "MultiHeadAttention",
+    "RmsNorm",
+    "RoPE",
+    "ScaledDotProductAttention",
+    "SiLU",
+    "Softmax",
+    "Transformer",
+    "TransformerBlock",
+    "cross_entropy",
+    "scaled_dot_product_attention",
+    "softmax",
+]
+
+ATTN_IMPLS = ("auto", "ours", "flash")
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ, W (out in), no bias; W ~ N(0, 2/(in+out)) truncated at ±3σ."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        std = math.sqrt(2.0 / (in_features + out_features))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Embedding(nn.Module):
+    """Lookup table W (vocab d); W ~ N(0, 1) truncated at ±3."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return embedding(token_ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class RmsNorm(nn.Module):
+    """x / rms(x) · g over the last dim, computed in float32 and cast back; g starts at ones."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SiLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu(x)
+
+
+class Softmax(nn.Module):
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softmax(x, self.dim)
+
+
+class ScaledDotProductAttention(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return scaled_dot_product_attention(q, k, v, mask)
+
+
+class CrossEntropyLoss(nn.Module):
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, targets)
+
+
+class FFN(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) ⊙ w3 x)."""
+
+    def __init__(self, d_model: int, d_ff: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        d_ff = d_ff or default_d_ff(d_model)
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class RoPE(nn.Module):
+    """Rotary embedding for head dim d_k: pair k of position p is rotated by p / theta^(2k/d_k)."""
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None) -> None:
+        super().__init__()
+        if d_k % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got d_k={d_k}")
+        self.d_k, self.max_seq_len = d_k, max_seq_len
+        # angles in float64 so long positions keep their precision, stored as float32 tables
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, dtype=torch.float64, device=device) / d_k)
+        angles = torch.arange(max_seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def tables(self, token_positions: torch.Tensor | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (... s d_k/2) for the positions (default 0..seq_len-1)."""
+        if token_positions is None:
+            if seq_len > self.max_seq_len:
+                raise ValueError(f"sequence length {seq_len} exceeds RoPE max_seq_len {self.max_seq_len}")
+            return self.cos[:seq_len], self.sin[:seq_len]
+        if token_positions.dtype.is_floating_point or token_positions.dtype == torch.bool:
+            raise ValueError(f"token_positions must be integers, got {token_positions.dtype}")
+        if token_positions.numel() and (int(token_positions.min()) < 0 or int(token_positions.max()) >= self.max_seq_len):
+            raise ValueError(f"token positions must be in [0, {self.max_seq_len}), got up to {int(token_positions.max())}")
+        return self.cos[token_positions], self.sin[token_positions]
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        cos, sin = self.tables(token_positions, x.shape[-2])
+        return rope(x, cos, sin)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with RoPE on Q, K (when theta is given) and grouped-query
+    attention (num_kv_heads < num_heads: each K/V head serves num_heads / num_kv_heads query heads)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        max_seq_len: int | None = None,
+        theta: float | None = None,
+        num_kv_heads: int | None = None,
+        device=None,
+        dtype=None,
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0 or d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.attn_impl = attn_impl
+        kv_dim = self.head_dim * num_kv_heads
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.rope = None
+        if theta is not None:
+            if max_seq_len is None:
+                raise ValueError("RoPE (theta given) needs max_seq_len")
+            self.rope = RoPE(theta, self.head_dim, max_seq_len, device=device)
+
+    def _attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Training path: (b h s d) causal attention with K/V heads already expanded."""
+        impl = self.attn_impl
+        if impl == "flash" or (impl == "auto" and q.device.type == "cuda"):
+            try:
+                from llm.ops.flash_attention import flash_attention  # written by the kernel helper
+            except ImportError:
+                if impl == "flash":
+                    raise
+            else:
+                return flash_attention(q, k, v, True)
+        return causal_attention(q, k, v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, s, h, dh).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, hkv, dh).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, hkv, dh).transpose(1, 2)
+        if self.rope is not None:
+            if token_positions is None and kv_cache is not None:
+                token_positions = torch.arange(kv_cache.length, kv_cache.length + s, device=x.device)
+            cos, sin = self.rope.tables(token_positions, s)
+            if cos.dim() == 3:  # per-row positions (b s half): broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if kv_cache is None and attention_mask is None:
+            if hkv != h:
+                k, v = (t.repeat_interleave(h // hkv, dim=1) for t in (k, v))
+            o = self._attend_causal(q, k, v)
+        else:
+            offset = 0
+            if kv_cache is not None:
+                offset = kv_cache.length
+                k, v = kv_cache.update(layer_idx, k, v)
+            total = k.shape[-2]
+            if hkv != h:
+                k, v = (t.repeat_interleave(h // hkv, dim=1) for t in (k, v))
+            qi = torch.arange(offset, offset + s, device=x.device)[:, None]
+            kj = torch.arange(total, device=x.device)[None, :]
+            mask = kj <= qi  # (s total): causal against absolute positions in the cache
+            if attention_mask is not None:
+                # padded keys are hidden; each query still sees itself so a padding row is not all
+                # −inf (its output is garbage that nothing real attends to)
+                mask = (mask & attention_mask[:, None, None, :]) | (kj == qi)
+            o = scaled_dot_product_attention(q, k, v, mask)
+        return self.output_proj(o.transpose(1, 2).reshape(b, s, self.d_model))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(x))."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        max_seq_len: int,
+        theta: float,
+        num_kv_heads: int | None = None,
+        device=None,
+        dtype=None,
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.ln1 = RmsNorm(d_model, device=device, dtype=dtype)
+        self.attn = MultiHeadAttention(
+            d_model, num_heads, max_seq_len, theta, num_kv_heads, device=device, dtype=dtype, attn_impl=attn_impl
+        )
+        self.ln2 = RmsNorm(d_model, device=device, dtype=dtype)
+        self.ffn = FFN(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), token_positions, kv_cache, layer_idx, attention_mask)
+        return x + self.ffn(self.ln2(x))
+
+
+def _check_int(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (e.g. torch.long), got {t.dtype}")
+
+
+class Transformer(nn.Module):
+    """Token embeddings → num_layers TransformerBlocks → ln_final → lm_head (unnormalised logits)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        d_ff: int | None = None,
+        rope_theta: float = 10000.0,
+        num_kv_heads: int | None = None,
+        tie_embeddings: bool = False,
+        attn_impl: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.config = ModelConfig(
+            vocab_size=vocab_size,
+            context_length=context_length,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            d_ff=d_ff,
+            rope_theta=rope_theta,
+            num_kv_heads=num_kv_heads,
+            tie_embeddings=tie_embeddings,
+        )  # validates: d_model % num_heads, num_heads % num_kv_heads, positive sizes
+        cfg = self.config
+        self.vocab_size, self.context_length = vocab_size, context_length
+        self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            TransformerBlock(
+                d_model, num_heads, cfg.d_ff, context_length, rope_theta, num_kv_heads,
+                device=device, dtype=dtype, attn_impl=attn_impl,
+            )
+            for _ in range(num_layers)
+        )
+        self.ln_final = RmsNorm(d_model, device=device, dtype=dtype)
+        self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embeddings.weight
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **kw) -> "Transformer":
+        return cls(**cfg.to_dict(), **kw)
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        max_len = max_len or cfg.context_length
+        if max_len > cfg.context_length:
+            raise ValueError(f"max_len {max_len} exceeds context_length {cfg.context_length}")
+        p = self.lm_head.weight
+        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads or cfg.num_heads, max_len, cfg.head_dim, p.device, p.dtype)
+
+    def _check_inputs(self, token_ids, token_positions, kv_cache, attention_mask) -> None:
+        _check_int("token_ids", token_ids)
+        if token_ids.dim() != 2:
+            raise ValueError(f"token_ids must be (batch, seq), got shape {tuple(token_ids.shape)}")
+        b, s = token_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + s > self.context_length:
+            raise ValueError(f"sequence length {past + s} exceeds context_length {self.context_length}")
+        if kv_cache is not None:
+            kv_cache.check_room(b, s)
+        if token_ids.numel():
+            lo, hi = int(token_ids.min()), int(token_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {lo}, max {hi}")
+        if token_positions is not None:
+            _check_int("token_positions", token_positions)
+            if token_positions.shape[-1] != s:
+                raise ValueError(f"token_positions shape {tuple(token_positions.shape)} does not match seq length {s}")
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                raise ValueError(f"attention_mask must be bool (True = real token), got {attention_mask.dtype}")
+            if tuple(attention_mask.shape) != (b, past + s):
+                raise ValueError(f"attention_mask must be (batch, cached + new) = {(b, past + s)}, got {tuple(attention_mask.shape)}")
+
+    def hidden(
+        self,
+        token_ids: torch.Tensor,
+        token_positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (b s d), i.e. everything but lm_head."""
+        self._check_inputs(token_ids, token_positions, kv_cache, attention_mask)
+        s = token_ids.shape[1]
+        if token_positions is None and attention_mask is not None:
+            # left padding: a row's first real token is position 0
+            token_positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -s:]
+        x = self.token_embeddings(token_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, token_positions, kv_cache, i, attention_mask)
+        if kv_cache is not None:
+            kv_cache.advance(s)
+        return self.ln_final(x)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        token_positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (b s vocab) for token_ids (b s)."""
+        return linear(self.hidden(token_ids, token_positions, kv_cache, attention_mask), self.lm_head.weight)
+
+    def loss(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of next-token predictions; equals cross_entropy(forward(x), targets) but
+        fuses lm_head with the loss so the (b s vocab) logits are never held in memory at once."""
+        _check_int("targets", targets)
+        if targets.shape != token_ids.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal token_ids shape {tuple(token_ids.shape)}")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.vocab_size):
+            raise ValueError(f"targets must be in [0, {self.vocab_size})")
+        return linear_cross_entropy(self.hidden(token_ids), self.lm_head.weight, targets)

@@ -1,0 +1,267 @@
+"""Checkpoints: exact resume, atomic writes (even under kill -9), RNG round trip, run-dir helpers, safety.
+
+The reference for "resume" is the uninterrupted run itself, computed live in the same test: every loss
+and parameter after resuming must be bit-identical to it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llm.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llm.optim import AdamW, cos_lr_scheduler, gradient_clip
+
+
+class Tiny(nn.Module):
+    """Two parameters: enough to exercise state dicts without depending on the real model."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) * 0.3)
+        self.b = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w.T + self.b)
+
+
+class CompiledLike(nn.Module):
+    """Stands in for torch.compile's OptimizedModule: the real module under `_orig_mod`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._orig_mod(x)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int) -> list[float]:
+    """A loop that draws from every RNG the checkpoint must restore (torch, numpy, python)."""
+    losses = []
+    for it in range(start, stop):
+        x = torch.randn(4, 6) + float(np.random.rand()) + random.random()
+        loss = ((model(x) - 0.5) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gradient_clip(model.parameters(), 0.5)
+        for g in opt.param_groups:
+            g["lr"] = cos_lr_scheduler(it, 1e-2, 1e-3, 3, 15)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _seed(s: int) -> None:
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "data_parallel", "compiled"])
+def test_save_load_continues_identically(tmp_path: Path, wrap: str) -> None:
+    def make() -> tuple[nn.Module, nn.Module, AdamW]:
+        torch.manual_seed(0)
+        inner = Tiny()
+        outer = {"plain": inner, "data_parallel": nn.DataParallel(inner), "compiled": CompiledLike(inner)}[wrap]
+        return inner, outer, AdamW(outer.parameters(), lr=1e-2, weight_decay=0.1)
+
+    _, model, opt = make()
+    _seed(1)
+    full = _train(model, opt, 0, 20)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    _, model, opt = make()
+    _seed(1)
+    first = _train(model, opt, 0, 10)
+    path = tmp_path / "run" / "checkpoints" / "step_0000010.pt"
+    save_checkpoint(model, opt, 10, path, extra={"rng": capture_rng_state(), "note": Path("x")})
+    saved = read_checkpoint(path)
+    assert set(saved["model"]) == {"w", "b"}  # wrapper prefixes never reach the file
+    assert saved["iteration"] == 10 and saved["note"] == "x"
+
+    _seed(12345)  # scramble every RNG: resume must not depend on the process's state
+    _, model2, opt2 = make()
+    step = load_checkpoint(path, model2, opt2)
+    restore_rng_state(read_checkpoint(path)["rng"])
+    rest = _train(model2, opt2, step, 20)
+    assert first + rest == full  # bit-identical losses
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, final[k]), k
+
+
+def test_loads_state_dicts_saved_with_wrapper_prefixes(tmp_path: Path) -> None:
+    model = Tiny()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        torch.save({"model": {prefix + k: v for k, v in model.state_dict().items()}, "iteration": 3}, tmp_path / "c.pt")
+        fresh = Tiny()
+        assert load_checkpoint(tmp_path / "c.pt", fresh) == 3
+        assert torch.equal(fresh.w, model.w)
+
+
+def test_file_like_out_and_src() -> None:
+    model, buf = Tiny(), io.BytesIO()
+    save_checkpoint(model, None, 7, buf)
+    buf.seek(0)
+    fresh = Tiny()
+    assert load_checkpoint(buf, fresh) == 7 and torch.equal(fresh.w, model.w)
+
+
+def test_crash_mid_write_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "best.pt"
+    model = Tiny()
+    save_checkpoint(model, None, 1, path)
+    before = path.read_bytes()
+
+    def dies_halfway(obj, f, *a, **k):  # writes a partial file, then the "process" dies
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(Tiny(), None, 2, path)
+    assert path.read_bytes() == before and read_checkpoint(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # no temp file left behind
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_kill_9_during_save_never_leaves_partial_latest(tmp_path: Path) -> None:
+    """A real SIGKILL, in a forked child, after the new data is written but before the rename."""
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(Tiny(), None, 1, ckpts / "step_0000001.pt")
+    model = Tiny()  # built before the fork: the child only saves
+    pid = os.fork()
+    if pid == 0:  # child: die the hard way right before os.replace; never return into pytest
+        try:
+            os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+            save_checkpoint(model, None, 2, ckpts / "step_0000002.pt")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    leftovers = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0, "the child died with its temp file written"
+    assert latest_checkpoint(tmp_path) == ckpts / "step_0000001.pt"
+    assert read_checkpoint(latest_checkpoint(tmp_path))["iteration"] == 1
+    assert prune_checkpoints(tmp_path, keep_last=5) == leftovers  # stale temp files are cleaned up
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000001.pt"]
+
+
+def test_rng_round_trip_is_weights_only_safe(tmp_path: Path) -> None:
+    random.gauss(0, 1)  # leave a cached gaussian in python's and numpy's state
+    np.random.standard_normal()
+    state = capture_rng_state()
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3))
+    torch.save(state, tmp_path / "rng.pt")
+    _seed(999)
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3))
+    assert got[:2] == expected[:2] and np.array_equal(got[2], expected[2]) and got[3] == expected[3]
+    assert torch.equal(got[4], expected[4])
+    with pytest.raises(CheckpointError, match="RNG"):
+        restore_rng_state({"python": {}})
+
+
+def _touch_steps(d: Path, steps: list[int]) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for s in steps:
+        (d / f"step_{s:07d}.pt").write_bytes(b"x")
+
+
+def test_latest_resolve_prune(tmp_path: Path) -> None:
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(run) is None
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        resolve_checkpoint(run)
+    run.mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint in"):
+        resolve_checkpoint(run)
+    _touch_steps(ckpts, [9, 100, 20, 1000])
+    (ckpts / "step_notanumber.pt").write_bytes(b"x")
+    assert latest_checkpoint(run) == ckpts / "step_0001000.pt"  # by number, not by name or mtime
+    assert latest_checkpoint(ckpts) == ckpts / "step_0001000.pt"
+    assert resolve_checkpoint(run) == ckpts / "step_0001000.pt"
+    (ckpts / "best.pt").write_bytes(b"x")
+    assert resolve_checkpoint(run) == resolve_checkpoint(ckpts) == ckpts / "best.pt"
+    assert resolve_checkpoint(ckpts / "step_0000020.pt") == ckpts / "step_0000020.pt"
+    removed = prune_checkpoints(run, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step_0000009.pt", "step_0000020.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "step_0000100.pt", "step_0001000.pt",
+                                                       "step_notanumber.pt"]
+    prune_checkpoints(run, keep_last=0)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "step_notanumber.pt"]
+    with pytest.raises(ValueError, match="keep_last"):
+        prune_checkpoints(run, keep_last=-1)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_refuses_pickled_objects(tmp_path: Path) -> None:
+    torch.save({"model": {}, "iteration": 1, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"extra\['cfg'\].*weights_only"):
+        save_checkpoint(Tiny(), None, 1, tmp_path / "x.pt", extra={"cfg": object()})
+    assert not (tmp_path / "x.pt").exists()
+    with pytest.raises(ValueError, match="clash"):
+        save_checkpoint(Tiny(), None, 1, tmp_path / "x.pt", extra={"iteration": 3})
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt", Tiny())
+    good = tmp_path / "good.pt"
+    save_checkpoint(Tiny(), AdamW(Tiny().parameters()), 5, good)
+    blob = good.read_bytes()
+    cases = {"truncated.pt": blob[: len(blob) // 2], "empty.pt": b"", "noise.pt": os.urandom(300),
+             "pickle.pt": pickle.dumps([1, 2, 3])}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a checkpoint or corrupted") as e:
+            read_checkpoint(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_state_dict_mismatch_names_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    save_checkpoint(Tiny(6), None, 1, path)
+    with pytest.raises(CheckpointError, match=r"shape mismatch w: checkpoint \(6, 6\) vs model \(4, 4\)"):
+        load_checkpoint(path, Tiny(4))
+
+    class Other(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Parameter(torch.zeros(1))
+            del self.b
+
+    with pytest.raises(CheckpointError, match="missing keys extra; unexpected keys b"):
+        load_checkpoint(path, Other())
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        load_checkpoint(path, Tiny(), AdamW(Tiny().parameters()))
+    save_checkpoint(Tiny(), AdamW(Tiny().parameters()), 1, path)
+    two = Tiny()
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        load_checkpoint(path, two, AdamW([{"params": [two.w]}, {"params": [two.b]}]))

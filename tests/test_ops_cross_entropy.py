@@ -1,0 +1,62 @@
+"""Cross-entropy (plain and fused with the output projection): gradcheck, and loss/grads against
+F.cross_entropy through torch autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm.ops.cross_entropy as ce_mod
+from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from llm.transformer import CrossEntropyLoss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP barrier waits on a shared, loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_gradcheck() -> None:
+    z = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3))
+    assert torch.autograd.gradcheck(lambda z: cross_entropy(z, t), (z,))
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    # scaled by 2.5 so backward's "dloss != 1" path is the one checked
+    assert torch.autograd.gradcheck(lambda h, w: 2.5 * linear_cross_entropy(h, w, t), (h, w))
+
+
+def test_matches_f_cross_entropy(ref_snapshot, monkeypatch) -> None:
+    z = (4 * torch.randn(3, 5, 50)).requires_grad_()
+    z.data[0, 0, 7] = 200.0  # huge logit: log-sum-exp must stay finite
+    t = torch.randint(0, 50, (3, 5))
+    h = torch.randn(3, 5, 12, requires_grad=True)
+    w = torch.randn(50, 12, requires_grad=True)
+    loss_ref = F.cross_entropy(z.view(-1, 50), t.view(-1))
+    (dz_ref,) = torch.autograd.grad(loss_ref, (z,))
+    fused_ref = F.cross_entropy(F.linear(h, w).view(-1, 50), t.view(-1))
+    dh_ref, dw_ref = torch.autograd.grad(fused_ref, (h, w))
+    stored = ref_snapshot(
+        {"loss": loss_ref, "dz": dz_ref, "fused": fused_ref, "dh": dh_ref, "dw": dw_ref}, rtol=1e-5, atol=1e-6
+    )
+    loss = CrossEntropyLoss()(z, t)
+    (dz,) = torch.autograd.grad(loss, (z,))
+    torch.testing.assert_close(loss, stored["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz, stored["dz"], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(ce_mod, "FUSED_CHUNK", 4)  # 15 tokens: chunks of 4 with a ragged last one
+    fused = linear_cross_entropy(h, w, t)
+    dh, dw = torch.autograd.grad(fused, (h, w))
+    for name, ours in (("fused", fused), ("dh", dh), ("dw", dw)):
+        torch.testing.assert_close(ours, stored[name], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradient work when none is needed
+        torch.testing.assert_close(linear_cross_entropy(h, w, t), stored["fused"], rtol=1e-5, atol=1e-6)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="integer"):
+        cross_entropy(torch.randn(3, 5), torch.zeros(3))
+    with pytest.raises(ValueError, match="shape"):
+        cross_entropy(torch.randn(3, 5), torch.zeros(4, dtype=torch.long))

@@ -1,0 +1,45 @@
+"""Linear: gradcheck, and forward/grads against F.linear through torch autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.ops.linear import linear
+from llm.transformer import Linear
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP barrier waits on a shared, loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_gradcheck() -> None:
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear, (x, w))
+
+
+def test_matches_f_linear(ref_snapshot) -> None:
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    dy = torch.randn(2, 7, 8)
+    y_ref = F.linear(x, w)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    stored = ref_snapshot({"y": y_ref, "dx": dx_ref, "dw": dw_ref}, rtol=1e-5, atol=1e-5)
+    y = linear(x, w)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    for name, ours in (("y", y), ("dx", dx), ("dw", dw)):
+        torch.testing.assert_close(ours, stored[name], rtol=1e-5, atol=1e-5)
+
+
+def test_module_init() -> None:
+    lin = Linear(300, 200)
+    w = lin.weight.detach()
+    std = (2 / 500) ** 0.5
+    assert w.shape == (200, 300)
+    assert w.abs().max() <= 3 * std + 1e-6
+    assert abs(w.std().item() / std - 0.986) < 0.03  # truncating N(0, σ²) at ±3σ leaves std ≈ 0.986σ
