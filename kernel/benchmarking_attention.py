@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="bfloat16: inputs in bf16 on CUDA, autocast on CPU")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--memory", action="store_true", help="also measure peak memory of one fwd+bwd per implementation")
     p.add_argument("--max-seconds", type=float, default=None, help="skip points estimated to take longer (default CPU 30, CUDA 120)")
     p.add_argument("--assumed-flops", type=float, default=None, help="throughput used for the estimate (default CPU 5e10, CUDA 5e13)")
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
         dtype = DTYPES[args.dtype]
         cuda = device.type == "cuda"
