@@ -195,8 +195,8 @@ def measure_memory(runners: list[Runner], phases: list[str], x: torch.Tensor, y:
 
 # op-name fragment -> category, to say where time goes (first match wins)
 CATEGORIES = [
-    ("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm", "dot")),
-    ("attention", ("attention", "sdpa", "flash")),
+    ("attention kernel", ("scaled_dot_product", "attention", "flash")),
+    ("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm")),
     ("softmax/CE", ("softmax", "cross_entropy", "nll", "logsumexp")),
     ("allocation", ("empty", "zeros", "ones", "fill_", "zero_", "full", "resize")),
     ("copy/layout", ("copy_", "contiguous", "clone", "to", "cat", "stack", "index", "transpose", "view", "reshape", "permute", "expand")),
@@ -241,6 +241,11 @@ def profile(runners: list[Runner], phase: str, x: torch.Tensor, y: torch.Tensor,
             us = getattr(evt, key, 0.0) or 0.0
             cats[_categorize(evt.key)] = cats.get(_categorize(evt.key), 0.0) + us
         total = sum(cats.values()) or 1.0
+        # our autograd Functions (and their backward nodes) with everything they call: which primitive costs what
+        fns = sorted((e for e in averages if not e.key.startswith(("aten::", "autograd::", "ProfilerStep", "[memory]", "cudaDevice")) and e.key.endswith(("Fn", "Backward", "Backward0", "Backward1"))),
+                     key=lambda e: -e.cpu_time_total)[:rows]
+        if fns:
+            print("top autograd nodes by total CPU time incl. children (ms/iteration): " + ", ".join(f"{e.key} {e.cpu_time_total / steps / 1e3:.1f}" for e in fns))
         summary[r.name] = {k: v / steps / 1e3 for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
         summary[r.name]["_total_ms"] = total / steps / 1e3
         summary[r.name]["_trace"] = str(trace)
