@@ -162,16 +162,13 @@ def _open_tokens(path: str, vocab_size: int) -> np.ndarray:
     return open_tokens(path, vocab_size=vocab_size)
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int, max_tokens: int = 100_000_000) -> float:
-    """Entropy (nats/token) of the corpus' unigram distribution: the loss of a model that ignores context.
-    Counted in chunks so a memmap is never loaded whole; beyond `max_tokens` the first max_tokens are used."""
-    n = min(len(tokens), max_tokens)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    chunk = 1 << 24
-    for start in range(0, n, chunk):
-        counts += np.bincount(np.asarray(tokens[start:min(n, start + chunk)]), minlength=vocab_size)[:vocab_size]
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the corpus' unigram distribution: the loss of a model that ignores context,
+    the bar a trained model must get well below. One chunked pass over the memmap (bounded memory)."""
+    from llm.data import token_counts
+    from llm.data import unigram_entropy as entropy_of_counts
+
+    return entropy_of_counts(token_counts(tokens, minlength=vocab_size))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -219,11 +216,10 @@ def step_checkpoint_path(cfg: TrainConfig, step: int) -> Path:
 
 def find_latest_checkpoint(out_dir: str | Path) -> Path | None:
     """Newest step checkpoint of a run directory (not best.pt: resuming continues the latest state)."""
+    from llm.checkpoint import latest_checkpoint
+
     d = Path(out_dir) / "checkpoints"
-    if not d.is_dir():
-        return None
-    steps = sorted(d.glob("step_*.pt"))
-    return steps[-1] if steps else None
+    return latest_checkpoint(d) if d.is_dir() else None
 
 
 def resolve_resume(resume: str, out_dir: str) -> Path | None:
@@ -244,10 +240,7 @@ def resolve_resume(resume: str, out_dir: str) -> Path | None:
 def _read_checkpoint(path: Path) -> dict:
     from llm.checkpoint import read_checkpoint
 
-    try:
-        return read_checkpoint(path)
-    except Exception as e:  # corrupt/truncated file: say which one and why, in one line
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {e}") from None
+    return read_checkpoint(path)  # CheckpointError (a ValueError) with one line for missing/corrupt files
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -804,7 +797,7 @@ def _main_train(argv: list[str]) -> int:
         _log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")
     try:
         result = train(cfg, resume=ns.resume, stop_at=ns.stop_at)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

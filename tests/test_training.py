@@ -138,7 +138,10 @@ def test_world_2_accum_1_equals_world_1_accum_2(data_dir: Path, tmp_path: Path) 
     kw = dict(max_steps=4, eval_interval=2, checkpoint_interval=4, log_interval=1)
     single = train(_cfg(data_dir, tmp_path / "w1", grad_accum=2, **kw), quiet=True)
     cfg2 = _cfg(data_dir, tmp_path / "w2", grad_accum=1, **kw)
-    # fork: the children inherit the imported torch instead of paying for a fresh import each
+    # fork: the children inherit the imported torch instead of paying for a fresh import each; DDP's
+    # constructor imports torch._dynamo (seconds), so import it once here rather than once per child
+    import torch._dynamo  # noqa: F401
+
     mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg2.to_dict()), nprocs=2, join=True, start_method="fork")
     a, b = _params(single.checkpoint), _params(tmp_path / "w2" / "checkpoints" / "step_0000004.pt")
     for k in a:
