@@ -1,35 +1,44 @@
 """`BpeTokenizer`: encode / decode / stream with a trained (or GPT-2) byte-level BPE.
 
 Encoding = split on special tokens (longest first) -> GPT-2 pre-tokens -> per pre-token, apply the
-merges by rank (lowest rank first, all occurrences), which is the canonical BPE result. Text repeats
-its words, so pre-token -> ids is cached: most pre-tokens cost one dict lookup.
+merges by rank (lowest rank first), which is the canonical BPE result.
+
+Speed: text repeats its words, so results are cached, and the hot path avoids the regex entirely:
+`text.split(" ")` gives pieces, and a piece that ends in a non-space character is preceded and
+followed by *safe cuts* (see pretokenize.py), so " " + piece always pre-tokenises, hence encodes,
+the same way. A dict maps such pieces to their ids; only unknown pieces, and runs of pieces glued
+by whitespace (empty pieces from double spaces, pieces ending in a newline), go through the regex.
+Ids are carried as one character per id (chr(id)), so joining and converting are single C calls.
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from itertools import compress, repeat
+from operator import not_
 from pathlib import Path
 
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
-from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
+from llm.bpe.pretokenize import WHITESPACE, pretokenize, rfind_cut, special_splitter
 
 CONFIG_NAME = "tokenizer_config.json"
-_CACHE_LIMIT = 1 << 18  # pre-tokens kept; cleared when full so memory stays bounded on huge inputs
+_CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
+_NO_RANK = 1 << 62
 
 
 class _BpeCache(dict):
-    """pre-token str -> list of ids; a miss runs BPE (dict.__missing__ keeps hits in C)."""
+    """pre-token -> its ids as a str of chr(id); a miss runs BPE (__missing__ keeps hits in C)."""
 
     def __init__(self, bpe) -> None:
         super().__init__()
         self._bpe = bpe
 
-    def __missing__(self, word: str) -> list[int]:
-        ids = self[word] = self._bpe(word)
+    def __missing__(self, word: str) -> str:
+        ids = self[word] = "".join(map(chr, self._bpe(word)))
         return ids
 
 
@@ -67,14 +76,16 @@ class BpeTokenizer:
 
         self._byte_ids: list[int] = [single(bytes([x]), True) for x in range(256)]
         regular = set(self._byte_ids)
-        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._rank_of: dict[tuple[int, int], int] = {}  # (id_a, id_b) -> merge rank
+        self._merged_id: list[int] = []  # merge rank -> id of the merged token
         for r, (a, b) in enumerate(self.merges):
             ia, ib, ic = single(a, False), single(b, False), single(a + b, False)
             if len(a) == 1:
                 ia = self._byte_ids[a[0]]
             if len(b) == 1:
                 ib = self._byte_ids[b[0]]
-            self._ranks.setdefault((ia, ib), (r, ic))  # first (lowest) rank wins on duplicates
+            self._rank_of.setdefault((ia, ib), r)  # first (lowest) rank wins on duplicates
+            self._merged_id.append(ic)
             regular.add(ic)
 
         # Special tokens take an id with their bytes that plain BPE does not use, else a new id.
@@ -100,7 +111,8 @@ class BpeTokenizer:
             if i < 0:
                 raise ValueError(f"negative token id {i}")
             self._decode_table[i] = t
-        self._cache = _BpeCache(self._bpe)
+        self._cache = _BpeCache(self._bpe)  # pre-token -> id chars
+        self._pieces: dict[str, str] = {}  # space-split piece -> id chars of " " + piece
 
     # ------------------------------------------------------------------ properties
     @property
@@ -119,50 +131,119 @@ class BpeTokenizer:
 
     # ------------------------------------------------------------------ BPE core
     def _bpe(self, word: str) -> list[int]:
-        """Apply merges by rank to one pre-token (cache miss path)."""
-        ids = [self._byte_ids[b] for b in word.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = None
-            best_rank = 1 << 62
-            for p in zip(ids, ids[1:]):
-                r = ranks.get(p)
-                if r is not None and r[0] < best_rank:
-                    best, best_rank = p, r[0]
-            if best is None:
+        """Apply merges by rank to one pre-token (cache-miss path).
+
+        Repeatedly merge the adjacent pair of lowest rank (leftmost on ties), like tiktoken. After
+        a merge only the two neighbouring pair ranks change, so `rs` is patched, not recomputed;
+        min/index run in C.
+        """
+        ids = list(map(self._byte_ids.__getitem__, word.encode("utf-8")))
+        if len(ids) < 2:
+            return ids
+        get, new_id = self._rank_of.get, self._merged_id
+        rs = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK)))
+        while True:
+            r = min(rs)
+            if r == _NO_RANK:
                 break
-            a, b = best
-            t = ranks[best][1]
-            out: list[int] = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(t)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            i = rs.index(r)
+            t = new_id[r]
+            ids[i : i + 2] = (t,)
+            del rs[i]
+            if not rs:
+                break
+            if i:
+                rs[i - 1] = get((ids[i - 1], t), _NO_RANK)
+            if i < len(rs):
+                rs[i] = get((t, ids[i + 1]), _NO_RANK)
         return ids
 
-    def _encode_ordinary(self, text: str, out: list[int]) -> None:
-        cache = self._cache
-        if len(cache) > _CACHE_LIMIT:
-            cache.clear()
-        out.extend(chain.from_iterable(map(cache.__getitem__, pretokenize(text))))
+    def _encode_unit(self, text: str) -> str:
+        """Id chars of a text that starts and ends at safe cuts (the regex path)."""
+        return "".join(map(self._cache.__getitem__, pretokenize(text)))
+
+    def _fill_pieces(self, new: set[str]) -> None:
+        """Cache the ids of " " + piece for many new pieces with one regex pass.
+
+        Units are joined by a whitespace separator absent from all of them: between a unit that
+        ends in a non-space and one that starts with " " + non-space, GPT-2's regex makes the
+        separator a pre-token of its own, so the ids split back into units at its id.
+        """
+        ws = WHITESPACE
+        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws]
+        if not new_list:
+            return
+        joined = " ".join(new_list)
+        sep = next((c for c in "\x0c\x0b\r\t\n" if c not in joined), None)
+        if sep is None:  # every separator occurs in the text: one unit at a time
+            self._pieces.update(zip(new_list, map(self._encode_unit, map(" ".__add__, new_list))))
+            return
+        ids = self._encode_unit(" " + (sep + " ").join(new_list))
+        parts = ids.split(self._cache[sep])
+        assert len(parts) == len(new_list)
+        self._pieces.update(zip(new_list, parts))
+
+    def _encode_ordinary(self, text: str) -> str:
+        """Id chars of a text without special tokens (the split-on-space fast path)."""
+        if len(self._cache) > _CACHE_LIMIT or len(self._pieces) > _CACHE_LIMIT:
+            self._cache.clear()
+            self._pieces.clear()
+        pieces = text.split(" ")
+        cache = self._pieces
+        ws = WHITESPACE
+        vals: list[str | None] = list(map(cache.get, pieces))
+        vals[0] = None  # the first piece has no leading space
+        if vals.count(None) > 2:  # new pieces (beyond the first): fill the cache in bulk first
+            self._fill_pieces(set(compress(pieces, map(not_, vals))))
+            vals = list(map(cache.get, pieces))
+            vals[0] = None
+        n = len(pieces)
+        i = 0
+        try:
+            while True:
+                i = vals.index(None, i)  # hop to the next piece that needs work (C speed)
+                # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
+                j = i
+                while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
+                    j += 1
+                if i == j:
+                    vals[i] = ids = self._encode_unit(" " + pieces[i] if i else pieces[i])
+                    if i and pieces[i] and pieces[i][-1] not in ws:
+                        cache[pieces[i]] = ids
+                else:
+                    vals[i] = self._encode_unit((" " if i else "") + " ".join(pieces[i : j + 1]))
+                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
+                i = j + 1
+        except ValueError:  # no None left
+            pass
+        return "".join(vals)
+
+    def _encode_chars(self, text: str) -> str:
+        """Id chars of any text: special tokens (longest first) kept whole."""
+        if self._split is None:
+            return self._encode_ordinary(text) if text else ""
+        out = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(chr(self._special_ids[part]))
+            elif part:
+                out.append(self._encode_ordinary(part))
+        return "".join(out)
 
     # ------------------------------------------------------------------ public API
     def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        if self._split is None:
-            self._encode_ordinary(text, out)
-            return out
-        for i, part in enumerate(self._split.split(text)):
-            if i % 2:
-                out.append(self._special_ids[part])
-            elif part:
-                self._encode_ordinary(part, out)
-        return out
+        # one id per character: utf-32 turns the string into machine ints in one C call
+        return array("I", self._encode_chars(text).encode("utf-32-le", "surrogatepass")).tolist()
+
+    def encode_to_array(self, text: str, dtype=None):
+        """encode() straight into a NumPy array (uint16/uint32 by vocab size unless dtype given)."""
+        import numpy as np
+
+        from llm.bpe.encode_file import token_dtype
+
+        chars = self._encode_chars(text)
+        arr = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        return arr.astype(dtype or token_dtype(self.vocab_size))
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. a file's lines) exactly as encode("".join(...)).

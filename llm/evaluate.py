@@ -1,0 +1,185 @@
+"""Perplexity of a checkpoint on a token array or a text file, over the whole file.
+
+    uv run -m llm.evaluate --checkpoint runs/demo                      # its validation split (train_config.val_data)
+    uv run -m llm.evaluate --checkpoint runs/demo --data data/demo/val.npy --stride 128 --json
+    uv run -m llm.evaluate --checkpoint runs/demo --data some.txt        # tokenised on the fly
+
+Strided sliding window (as Hugging Face's perplexity guide): windows of `context_length` tokens start every
+`stride` tokens; each window scores only the targets the previous window did not, so every token is scored
+exactly once, with at least context_length - stride tokens of context (except near the start).
+stride = context_length: disjoint windows (fastest, least context); stride = 1: every token sees a full window.
+
+    mean loss = (1/N) sum_t -log p(x_t | x_<t within its window)    (nats per token)
+    perplexity = exp(mean loss)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llm.generating import _autocast, _context_length, _device, _vocab_size
+
+
+def token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) per position: x_y - max x - log sum_j exp(x_j - max x); logits (... v), targets (...)."""
+    logits = logits.float()
+    m = logits.amax(dim=-1, keepdim=True)
+    lse = (logits - m).exp().sum(dim=-1, keepdim=True).log() + m
+    return (logits.gather(-1, targets[..., None].long()) - lse).squeeze(-1)
+
+
+def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored): the model reads tokens[begin:end] and scores the last n_scored of the
+    targets tokens[begin+1:end+1]. Every target index 1..n_tokens-1 is scored exactly once."""
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n_tokens}")
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be in [1, context_length={context_length}], got {stride}")
+    out, prev_end, last = [], 0, n_tokens - 1  # inputs end at index last (its target is the final token)
+    for begin in range(0, last, stride):
+        end = min(begin + context_length, last)
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == last:
+            break
+    return out
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokens: np.ndarray | Tensor | Sequence[int],
+    *,
+    context_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
+    """{"loss", "perplexity", "tokens" (scored), "windows", "context_length", "stride", "seconds", "tokens_per_s"}.
+    stride defaults to context_length // 2."""
+    model.eval()
+    device = _device(model)
+    ctx = context_length or _context_length(model)
+    if ctx > _context_length(model) or ctx < 1:
+        raise ValueError(f"context_length must be in [1, {_context_length(model)}] (the model's), got {ctx}")
+    stride = stride or max(1, ctx // 2)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    arr = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+    wins = windows(len(arr), ctx, stride)
+    total_scored = sum(w[2] for w in wins)
+    vocab = _vocab_size(model)
+    nll, scored, t0, last_print = 0.0, 0, time.perf_counter(), 0.0
+    # windows of equal length share a batch (only the last one can be shorter)
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in wins:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    for group in groups:
+        x = torch.from_numpy(np.stack([np.asarray(arr[b : e + 1], dtype=np.int64) for b, e, _ in group])).to(device)
+        if int(x.max()) >= vocab or int(x.min()) < 0:
+            raise ValueError(f"token ids must be in [0, {vocab}) for this model, found {int(x.min())}..{int(x.max())}")
+        with _autocast(device):
+            logits = model(x[:, :-1])
+        lp = token_log_probs(logits, x[:, 1:])  # (b L)
+        length = lp.shape[1]
+        keep = torch.arange(length, device=device)[None, :] >= torch.tensor(
+            [length - n for _, _, n in group], device=device)[:, None]  # the last n of each window
+        nll -= float(lp[keep].double().sum())
+        scored += int(keep.sum())
+        if progress:
+            now = time.perf_counter()
+            if now - last_print > 1.0 or scored == total_scored:
+                last_print = now
+                rate = scored / max(now - t0, 1e-9)
+                eta = (total_scored - scored) / max(rate, 1e-9)
+                print(f"\revaluating: {100 * scored / total_scored:5.1f}% ({scored:,}/{total_scored:,} tokens) "
+                      f"{rate:,.0f} tok/s ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - t0
+    loss = nll / scored
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": scored, "windows": len(wins),
+            "context_length": ctx, "stride": stride, "seconds": seconds, "tokens_per_s": scored / max(seconds, 1e-9)}
+
+
+def load_tokens(path: str | Path, tokenizer, vocab_size: int, max_tokens: int | None = None) -> np.ndarray:
+    """A .npy token array (memmapped, validated) or a text file tokenised with `tokenizer`."""
+    from llm.data import open_tokens
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"data file not found: {p}")
+    if p.suffix == ".npy":
+        try:
+            arr = open_tokens(p, vocab_size)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        return arr[:max_tokens] if max_tokens else arr
+    print(f"tokenising {p} ...", file=sys.stderr, flush=True)
+    ids: list[int] = []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for tok in tokenizer.encode_iterable(f):
+            ids.append(tok)
+            if max_tokens and len(ids) >= max_tokens:
+                break
+    return np.asarray(ids, dtype=np.int64)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llm.evaluate", description="Perplexity of a checkpoint on a token file.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--data", help=".npy token array or a text file (default: the run's validation split)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: context_length // 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = p.parse_args(argv)
+    try:
+        from llm.checkpoint import read_checkpoint
+        from llm.generating import load_model
+
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)
+        data = args.data
+        if data is None:
+            train_cfg = read_checkpoint(path).get("train_config") or {}
+            data = train_cfg.get("val_data") if isinstance(train_cfg, dict) else None
+            if not data:
+                raise ValueError(f"{path} records no validation data; pass --data FILE")
+        tokens = load_tokens(data, tokenizer, _vocab_size(model), args.max_tokens)
+        result = evaluate_tokens(model, tokens, context_length=args.context_length, stride=args.stride,
+                                 batch_size=args.batch_size, progress=True)
+        result.update(checkpoint=str(path), data=str(data))
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{data}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} over "
+                  f"{result['tokens']:,} tokens (window {result['context_length']}, stride {result['stride']}; "
+                  f"{result['tokens_per_s']:,.0f} tokens/s)")
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
