@@ -619,38 +619,14 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
 
 
 # --------------------------------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, *, temperature: float = 0.8,
-                top_k: int = 20, seed: int = 0, eos_id: int | None = None) -> str:
-    """Continue `prompt`: top-k sampling from the model's next-token distribution (whole-context forward
-    per token: simple, fine for a few dozen tokens)."""
-    try:  # the generation helper's KV-cached loop, when it exists
-        from llm.generating import generate  # type: ignore[attr-defined]
-    except ImportError:
-        generate = None
-    device = next(model.parameters()).device
+                top_k: int = 20, seed: int = 0) -> str:
+    """`prompt` and its sampled continuation (top-k, KV-cached: llm.generating), stopping at end-of-text."""
+    from llm.generating import generate
+
     model.eval()
-    ids = tokenizer.encode(prompt)
-    ctx_len = model.config.context_length if hasattr(model, "config") else 256
-    if generate is not None:
-        try:
-            out = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, seed=seed)
-            return out if isinstance(out, str) else tokenizer.decode(list(out))
-        except TypeError:
-            pass  # a different signature: fall back to the loop below
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        logits = model(x[:, -ctx_len:])[0, -1].float() / temperature
-        k = min(top_k, logits.numel())
-        top, idx = torch.topk(logits, k)
-        probs = torch.exp(top - top.max())
-        nxt = idx[torch.multinomial(probs / probs.sum(), 1, generator=gen)]
-        if eos_id is not None and int(nxt) == eos_id:
-            break
-        x = torch.cat([x, nxt.view(1, 1)], dim=1)
-    return tokenizer.decode(x[0].tolist())
+    return prompt + generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, seed=seed)
 
 
 def _load_tokenizer(tok_dir: str | None) -> Any:
@@ -666,9 +642,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: set[str]) -> None:
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the flags' help text, kept in one place."""
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = r"^\s+(\w+): [^=\n]+=[^#\n]*#(.*)$"
+    return {m[1]: m[2].strip() for m in re.finditer(pattern, src, re.M)}
+
+
+def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: set[str],
+                     example: Any, title: str) -> None:
     """One flag per dataclass field, typed from its annotation; default SUPPRESS so only given flags override."""
-    group = p.add_argument_group("model" if dest_prefix else "training")
+    group = p.add_argument_group(title)
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -685,8 +676,8 @@ def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, sk
         if f.name == "dtype":
             kw["choices"] = DTYPES
             kw.pop("metavar")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw["help"] = f"(default from preset; base {default!r})" if not dest_prefix else None
+        help_text = comments.get(f.name, "")
+        kw["help"] = f"{help_text} (demo: {getattr(example, f.name)!r})".strip().replace("%", "%%")
         group.add_argument(_flag(f.name), **kw)
 
 
@@ -709,7 +700,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m llm.training",
         description="Train the decoder-only LM. Subcommands: `plot RUN_DIR`, `overhead`. "
         "Config precedence: preset < --config TOML < flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default=None, help="training preset: demo (default), tinystories, tiny, small, medium, large, xl, 2.7B")
     p.add_argument("--config", default=None, help="TOML file with training keys and a [model] table")
@@ -718,8 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sample", action="store_true", help="skip the sample continuation at the end")
     p.add_argument("--no-plot", action="store_true", help="skip writing loss.png / lr.png at the end")
     p.add_argument("--img-dir", default=None, help="also copy the plots here (the demo preset defaults to img/)")
-    _add_field_flags(p, TrainConfig, "", skip={"model", "preset"})
-    _add_field_flags(p, ModelConfig, "model.", skip=set())
+    demo = train_preset("demo")
+    _add_field_flags(p, TrainConfig, "", {"model", "preset"}, demo, "training (defaults come from the preset)")
+    _add_field_flags(p, ModelConfig, "model.", set(), demo.model, "model (defaults come from the preset)")
     return p
 
 
@@ -772,13 +763,7 @@ def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Cal
     if tok is None:
         print("(no tokenizer found next to the training data: pass --tokenizer-dir to print a sample)", flush=True)
         return
-    model = model_loader()
-    eos = None
-    try:
-        eos = tok.token_id("<|endoftext|>")
-    except Exception:
-        eos = None
-    text = sample_text(model, tok, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed, eos_id=eos)
+    text = sample_text(model_loader(), tok, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
     print(f"\nsample:\n{text}\n", flush=True)
 
 
