@@ -334,6 +334,7 @@ class TrainResult:
     tokens_per_s: float = math.nan
     mfu: float = math.nan
     step_seconds: float = 0.0  # time inside optimizer steps (data + fwd/bwd + clip + step + logging)
+    step_cpu_seconds: float = 0.0  # the same in process CPU time (steadier than wall time on a busy machine)
     eval_seconds: float = 0.0
     eval_count: int = 0
     ckpt_seconds: float = 0.0
@@ -382,10 +383,11 @@ def tokenizer_dir_for(cfg: TrainConfig) -> str | None:
     return str(guess) if guess.is_dir() else None
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None,
+def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None, overwrite: bool = False,
           quiet: bool = False) -> TrainResult:
     """Run (or continue) training as `cfg` says. `resume`: "auto", a run directory or a checkpoint file.
     `stop_at`: pause after this step (checkpoint + return), keeping the schedule of max_steps.
+    `overwrite`: a fresh start may replace the checkpoints of an earlier run in `cfg.out_dir`.
     Call once per process (torchrun starts one per rank)."""
     cfg.validate()
     log = (lambda *a: None) if quiet else _log
@@ -393,14 +395,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
     info = setup_distributed(device_probe.type)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, info, resume=resume, stop_at=stop_at, log=log if info.is_main else (lambda *a: None))
+        return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite,
+                      log=log if info.is_main else (lambda *a: None))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int | None,
+def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int | None, overwrite: bool,
            log: Callable[..., None]) -> TrainResult:
     device = resolve_device(cfg, info)
     dtype = resolve_dtype(cfg, device)
@@ -414,6 +417,25 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     run_dir = Path(cfg.out_dir)
     result = TrainResult(run_dir=run_dir, step=0)
 
+    # ---- resume: find the checkpoint, check it fits --------------------------------------------------
+    ckpt_path = resolve_resume(resume, cfg.out_dir) if resume else None
+    ckpt: dict | None = None
+    if resume == "auto" and ckpt_path is None:
+        log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")
+    old = find_latest_checkpoint(cfg.out_dir)
+    if ckpt_path is None and old is not None:
+        # A fresh run would interleave its step files with the old run's (and prune the wrong ones).
+        if not overwrite:
+            raise ValueError(
+                f"{cfg.out_dir} already holds a run (checkpoint {old.name}): continue it with --resume auto, "
+                f"start over with --overwrite, or choose another --out-dir"
+            )
+    if ckpt_path is not None:
+        ckpt = _read_checkpoint(ckpt_path)
+        saved_model = ckpt.get("model_config")
+        if saved_model is not None and ModelConfig.from_dict(saved_model) != cfg.model:
+            raise ValueError(f"checkpoint {ckpt_path} holds model {saved_model}, but the config asks for {cfg.model.to_dict()}")
+
     # ---- data (validated before any model work) ------------------------------------------------------
     prepare_data(cfg, info)
     train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
@@ -422,16 +444,12 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         if len(arr) <= cfg.model.context_length + 1:
             raise ValueError(f"{name} has {len(arr)} tokens: fewer than context_length + 2 = {cfg.model.context_length + 2}")
 
-    # ---- resume: find the checkpoint, check it fits --------------------------------------------------
-    ckpt_path = resolve_resume(resume, cfg.out_dir) if resume else None
-    ckpt: dict | None = None
-    if resume == "auto" and ckpt_path is None:
-        log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")
-    if ckpt_path is not None:
-        ckpt = _read_checkpoint(ckpt_path)
-        saved_model = ckpt.get("model_config")
-        if saved_model is not None and ModelConfig.from_dict(saved_model) != cfg.model:
-            raise ValueError(f"checkpoint {ckpt_path} holds model {saved_model}, but the config asks for {cfg.model.to_dict()}")
+    if ckpt_path is None and old is not None:  # --overwrite, and the data is fine: now clear the old run
+        if info.is_main:
+            log(f"--overwrite: removing the earlier run's checkpoints in {checkpoint_dir(cfg)}")
+            for p in checkpoint_dir(cfg).glob("*.pt"):
+                p.unlink()
+        _barrier(info)
 
     # ---- model, optimizer, precision -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
@@ -540,7 +558,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         step = start_step
         window_t = time.perf_counter()
         while step < end_step:
-            t_step = time.perf_counter()
+            t_step, c_step = time.perf_counter(), time.process_time()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -576,6 +594,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
             result.losses[step] = step_loss
             window_steps += 1
             result.step_seconds += time.perf_counter() - t_step
+            result.step_cpu_seconds += time.process_time() - c_step
 
             if step % cfg.log_interval == 0 or step == end_step:
                 now = time.perf_counter()
@@ -704,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="training preset: demo (default), tinystories, tiny, small, medium, large, xl, 2.7B")
     p.add_argument("--config", default=None, help="TOML file with training keys and a [model] table")
     p.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint file, run dir, or auto (newest in --out-dir)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run's checkpoints")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="pause after STEP (checkpoint), keeping max_steps' schedule")
     p.add_argument("--no-sample", action="store_true", help="skip the sample continuation at the end")
     p.add_argument("--no-plot", action="store_true", help="skip writing loss.png / lr.png at the end")
@@ -781,7 +801,7 @@ def _main_train(argv: list[str]) -> int:
     if is_main:
         _log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")
     try:
-        result = train(cfg, resume=ns.resume, stop_at=ns.stop_at)
+        result = train(cfg, resume=ns.resume, stop_at=ns.stop_at, overwrite=ns.overwrite)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -860,7 +880,7 @@ def _main_overhead(argv: list[str]) -> int:
     train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or _cpu_cores())
-    bare, loop, evals, ckpts = [], [], [], []
+    bare, loop, evals, ckpts, bare_cpu, loop_cpu = [], [], [], [], [], []
     for r in range(ns.repeats):
         # bare: a fixed batch already on the device, forward + backward + optimizer step, nothing else
         torch.manual_seed(cfg.seed)
@@ -869,7 +889,7 @@ def _main_overhead(argv: list[str]) -> int:
         x, y = _get_batch(train_tokens, cfg.batch_size, cfg.model.context_length, device, batch_rng(0, 0, 0))
         for i in range(ns.steps + 2):
             if i == 2:  # two warm-up steps
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(cfg.grad_accum):
                 model.loss(x, y).backward()
             opt.step()
@@ -877,14 +897,17 @@ def _main_overhead(argv: list[str]) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         bare.append((time.perf_counter() - t0) / ns.steps)
+        bare_cpu.append((time.process_time() - c0) / ns.steps)
         del model, opt
         run_cfg = merge(cfg, {"out_dir": f"{ns.out_dir}/r{r}", "max_steps": ns.steps, "warmup_steps": min(cfg.warmup_steps, ns.steps),
                               "eval_interval": ns.steps, "checkpoint_interval": 0, "prepare_demo_data": False})
-        res = train(run_cfg, quiet=True)
+        res = train(run_cfg, quiet=True, overwrite=True)
         loop.append(res.step_seconds / res.step)
+        loop_cpu.append(res.step_cpu_seconds / res.step)
         evals.append(res.eval_seconds / max(1, res.eval_count))
         ckpts.append(res.ckpt_seconds / max(1, res.ckpt_count))
-        print(f"repeat {r}: bare {bare[-1] * 1e3:.1f} ms/step | loop {loop[-1] * 1e3:.1f} ms/step | "
+        print(f"repeat {r}: bare {bare[-1] * 1e3:.1f} ms/step (cpu {bare_cpu[-1] * 1e3:.0f}) | loop {loop[-1] * 1e3:.1f} "
+              f"ms/step (cpu {loop_cpu[-1] * 1e3:.0f}) | "
               f"eval {evals[-1] * 1e3:.0f} ms | checkpoint {ckpts[-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     med = lambda v: float(np.median(v))  # noqa: E731
     b, lp, e, c = med(bare), med(loop), med(evals), med(ckpts)
@@ -892,7 +915,9 @@ def _main_overhead(argv: list[str]) -> int:
     n_ckpts = (cfg.max_steps // cfg.checkpoint_interval if cfg.checkpoint_interval else 1) + n_evals  # + best.pt
     total = lp * cfg.max_steps + e * n_evals + c * n_ckpts
     per_step = (lp - b) / b
-    print(f"{cfg.preset}: bare {b * 1e3:.1f} ms/step, loop {lp * 1e3:.1f} ms/step -> per-step overhead {100 * per_step:.2f}%")
+    bc, lc = med(bare_cpu), med(loop_cpu)
+    print(f"{cfg.preset}: bare {b * 1e3:.1f} ms/step, loop {lp * 1e3:.1f} ms/step -> per-step overhead {100 * per_step:.2f}% "
+          f"(process CPU time: bare {bc * 1e3:.0f} ms, loop {lc * 1e3:.0f} ms -> {100 * (lc - bc) / bc:.2f}%)")
     print(f"amortised over {cfg.max_steps} steps ({n_evals} evals x {e * 1e3:.0f} ms, <= {n_ckpts} checkpoints x "
           f"{c * 1e3:.0f} ms): total overhead {100 * (total / (b * cfg.max_steps) - 1):.2f}% "
           f"(of which eval {100 * e * n_evals / (b * cfg.max_steps):.2f}%, checkpoints {100 * c * n_ckpts / (b * cfg.max_steps):.2f}%)")

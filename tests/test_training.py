@@ -77,6 +77,9 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path) -> None:
     for key in ("model", "optimizer", "iteration", "model_config", "train_config", "rng", "sampler", "best_val"):
         assert key in saved
     assert saved["iteration"] == 20 and saved["model_config"]["d_model"] == 32
+    # a fresh start must not mix its checkpoints with an earlier run's
+    with pytest.raises(ValueError, match="already holds a run .*--resume auto.*--overwrite"):
+        train(cfg, quiet=True)
 
 
 def test_sigint_finishes_the_step_saves_and_resumes_exactly(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
