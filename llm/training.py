@@ -162,16 +162,13 @@ def _open_tokens(path: str, vocab_size: int) -> np.ndarray:
     return open_tokens(path, vocab_size=vocab_size)
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int, max_tokens: int = 100_000_000) -> float:
-    """Entropy (nats/token) of the corpus' unigram distribution: the loss of a model that ignores context.
-    Counted in chunks so a memmap is never loaded whole; beyond `max_tokens` the first max_tokens are used."""
-    n = min(len(tokens), max_tokens)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    chunk = 1 << 24
-    for start in range(0, n, chunk):
-        counts += np.bincount(np.asarray(tokens[start:min(n, start + chunk)]), minlength=vocab_size)[:vocab_size]
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the corpus' unigram distribution: the loss of a model that ignores context,
+    the bar a trained model must get well below. One chunked pass over the memmap (bounded memory)."""
+    from llm.data import token_counts
+    from llm.data import unigram_entropy as entropy_of_counts
+
+    return entropy_of_counts(token_counts(tokens, minlength=vocab_size))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -219,11 +216,10 @@ def step_checkpoint_path(cfg: TrainConfig, step: int) -> Path:
 
 def find_latest_checkpoint(out_dir: str | Path) -> Path | None:
     """Newest step checkpoint of a run directory (not best.pt: resuming continues the latest state)."""
+    from llm.checkpoint import latest_checkpoint
+
     d = Path(out_dir) / "checkpoints"
-    if not d.is_dir():
-        return None
-    steps = sorted(d.glob("step_*.pt"))
-    return steps[-1] if steps else None
+    return latest_checkpoint(d) if d.is_dir() else None
 
 
 def resolve_resume(resume: str, out_dir: str) -> Path | None:
@@ -244,10 +240,7 @@ def resolve_resume(resume: str, out_dir: str) -> Path | None:
 def _read_checkpoint(path: Path) -> dict:
     from llm.checkpoint import read_checkpoint
 
-    try:
-        return read_checkpoint(path)
-    except Exception as e:  # corrupt/truncated file: say which one and why, in one line
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {e}") from None
+    return read_checkpoint(path)  # CheckpointError (a ValueError) with one line for missing/corrupt files
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -341,6 +334,7 @@ class TrainResult:
     tokens_per_s: float = math.nan
     mfu: float = math.nan
     step_seconds: float = 0.0  # time inside optimizer steps (data + fwd/bwd + clip + step + logging)
+    step_cpu_seconds: float = 0.0  # the same in process CPU time (steadier than wall time on a busy machine)
     eval_seconds: float = 0.0
     eval_count: int = 0
     ckpt_seconds: float = 0.0
@@ -389,10 +383,11 @@ def tokenizer_dir_for(cfg: TrainConfig) -> str | None:
     return str(guess) if guess.is_dir() else None
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None,
+def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None, overwrite: bool = False,
           quiet: bool = False) -> TrainResult:
     """Run (or continue) training as `cfg` says. `resume`: "auto", a run directory or a checkpoint file.
     `stop_at`: pause after this step (checkpoint + return), keeping the schedule of max_steps.
+    `overwrite`: a fresh start may replace the checkpoints of an earlier run in `cfg.out_dir`.
     Call once per process (torchrun starts one per rank)."""
     cfg.validate()
     log = (lambda *a: None) if quiet else _log
@@ -400,14 +395,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
     info = setup_distributed(device_probe.type)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, info, resume=resume, stop_at=stop_at, log=log if info.is_main else (lambda *a: None))
+        return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite,
+                      log=log if info.is_main else (lambda *a: None))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         if info.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int | None,
+def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int | None, overwrite: bool,
            log: Callable[..., None]) -> TrainResult:
     device = resolve_device(cfg, info)
     dtype = resolve_dtype(cfg, device)
@@ -421,6 +417,25 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     run_dir = Path(cfg.out_dir)
     result = TrainResult(run_dir=run_dir, step=0)
 
+    # ---- resume: find the checkpoint, check it fits --------------------------------------------------
+    ckpt_path = resolve_resume(resume, cfg.out_dir) if resume else None
+    ckpt: dict | None = None
+    if resume == "auto" and ckpt_path is None:
+        log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")
+    old = find_latest_checkpoint(cfg.out_dir)
+    if ckpt_path is None and old is not None:
+        # A fresh run would interleave its step files with the old run's (and prune the wrong ones).
+        if not overwrite:
+            raise ValueError(
+                f"{cfg.out_dir} already holds a run (checkpoint {old.name}): continue it with --resume auto, "
+                f"start over with --overwrite, or choose another --out-dir"
+            )
+    if ckpt_path is not None:
+        ckpt = _read_checkpoint(ckpt_path)
+        saved_model = ckpt.get("model_config")
+        if saved_model is not None and ModelConfig.from_dict(saved_model) != cfg.model:
+            raise ValueError(f"checkpoint {ckpt_path} holds model {saved_model}, but the config asks for {cfg.model.to_dict()}")
+
     # ---- data (validated before any model work) ------------------------------------------------------
     prepare_data(cfg, info)
     train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
@@ -429,16 +444,12 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         if len(arr) <= cfg.model.context_length + 1:
             raise ValueError(f"{name} has {len(arr)} tokens: fewer than context_length + 2 = {cfg.model.context_length + 2}")
 
-    # ---- resume: find the checkpoint, check it fits --------------------------------------------------
-    ckpt_path = resolve_resume(resume, cfg.out_dir) if resume else None
-    ckpt: dict | None = None
-    if resume == "auto" and ckpt_path is None:
-        log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")
-    if ckpt_path is not None:
-        ckpt = _read_checkpoint(ckpt_path)
-        saved_model = ckpt.get("model_config")
-        if saved_model is not None and ModelConfig.from_dict(saved_model) != cfg.model:
-            raise ValueError(f"checkpoint {ckpt_path} holds model {saved_model}, but the config asks for {cfg.model.to_dict()}")
+    if ckpt_path is None and old is not None:  # --overwrite, and the data is fine: now clear the old run
+        if info.is_main:
+            log(f"--overwrite: removing the earlier run's checkpoints in {checkpoint_dir(cfg)}")
+            for p in checkpoint_dir(cfg).glob("*.pt"):
+                p.unlink()
+        _barrier(info)
 
     # ---- model, optimizer, precision -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
@@ -547,7 +558,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         step = start_step
         window_t = time.perf_counter()
         while step < end_step:
-            t_step = time.perf_counter()
+            t_step, c_step = time.perf_counter(), time.process_time()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -583,6 +594,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
             result.losses[step] = step_loss
             window_steps += 1
             result.step_seconds += time.perf_counter() - t_step
+            result.step_cpu_seconds += time.process_time() - c_step
 
             if step % cfg.log_interval == 0 or step == end_step:
                 now = time.perf_counter()
@@ -626,38 +638,14 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
 
 
 # --------------------------------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, *, temperature: float = 0.8,
-                top_k: int = 20, seed: int = 0, eos_id: int | None = None) -> str:
-    """Continue `prompt`: top-k sampling from the model's next-token distribution (whole-context forward
-    per token: simple, fine for a few dozen tokens)."""
-    try:  # the generation helper's KV-cached loop, when it exists
-        from llm.generating import generate  # type: ignore[attr-defined]
-    except ImportError:
-        generate = None
-    device = next(model.parameters()).device
+                top_k: int = 20, seed: int = 0) -> str:
+    """`prompt` and its sampled continuation (top-k, KV-cached: llm.generating), stopping at end-of-text."""
+    from llm.generating import generate
+
     model.eval()
-    ids = tokenizer.encode(prompt)
-    ctx_len = model.config.context_length if hasattr(model, "config") else 256
-    if generate is not None:
-        try:
-            out = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, seed=seed)
-            return out if isinstance(out, str) else tokenizer.decode(list(out))
-        except TypeError:
-            pass  # a different signature: fall back to the loop below
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        logits = model(x[:, -ctx_len:])[0, -1].float() / temperature
-        k = min(top_k, logits.numel())
-        top, idx = torch.topk(logits, k)
-        probs = torch.exp(top - top.max())
-        nxt = idx[torch.multinomial(probs / probs.sum(), 1, generator=gen)]
-        if eos_id is not None and int(nxt) == eos_id:
-            break
-        x = torch.cat([x, nxt.view(1, 1)], dim=1)
-    return tokenizer.decode(x[0].tolist())
+    return prompt + generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, seed=seed)
 
 
 def _load_tokenizer(tok_dir: str | None) -> Any:
@@ -673,9 +661,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: set[str]) -> None:
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the flags' help text, kept in one place."""
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = r"^\s+(\w+): [^=\n]+=[^#\n]*#(.*)$"
+    return {m[1]: m[2].strip() for m in re.finditer(pattern, src, re.M)}
+
+
+def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: set[str],
+                     example: Any, title: str) -> None:
     """One flag per dataclass field, typed from its annotation; default SUPPRESS so only given flags override."""
-    group = p.add_argument_group("model" if dest_prefix else "training")
+    group = p.add_argument_group(title)
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -692,8 +695,8 @@ def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, sk
         if f.name == "dtype":
             kw["choices"] = DTYPES
             kw.pop("metavar")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw["help"] = f"(default from preset; base {default!r})" if not dest_prefix else None
+        help_text = comments.get(f.name, "")
+        kw["help"] = f"{help_text} (demo: {getattr(example, f.name)!r})".strip().replace("%", "%%")
         group.add_argument(_flag(f.name), **kw)
 
 
@@ -716,17 +719,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m llm.training",
         description="Train the decoder-only LM. Subcommands: `plot RUN_DIR`, `overhead`. "
         "Config precedence: preset < --config TOML < flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default=None, help="training preset: demo (default), tinystories, tiny, small, medium, large, xl, 2.7B")
     p.add_argument("--config", default=None, help="TOML file with training keys and a [model] table")
     p.add_argument("--resume", default=None, metavar="PATH|auto", help="checkpoint file, run dir, or auto (newest in --out-dir)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds an earlier run's checkpoints")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="pause after STEP (checkpoint), keeping max_steps' schedule")
     p.add_argument("--no-sample", action="store_true", help="skip the sample continuation at the end")
     p.add_argument("--no-plot", action="store_true", help="skip writing loss.png / lr.png at the end")
     p.add_argument("--img-dir", default=None, help="also copy the plots here (the demo preset defaults to img/)")
-    _add_field_flags(p, TrainConfig, "", skip={"model", "preset"})
-    _add_field_flags(p, ModelConfig, "model.", skip=set())
+    demo = train_preset("demo")
+    _add_field_flags(p, TrainConfig, "", {"model", "preset"}, demo, "training (defaults come from the preset)")
+    _add_field_flags(p, ModelConfig, "model.", set(), demo.model, "model (defaults come from the preset)")
     return p
 
 
@@ -779,13 +783,7 @@ def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Cal
     if tok is None:
         print("(no tokenizer found next to the training data: pass --tokenizer-dir to print a sample)", flush=True)
         return
-    model = model_loader()
-    eos = None
-    try:
-        eos = tok.token_id("<|endoftext|>")
-    except Exception:
-        eos = None
-    text = sample_text(model, tok, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed, eos_id=eos)
+    text = sample_text(model_loader(), tok, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed)
     print(f"\nsample:\n{text}\n", flush=True)
 
 
@@ -803,8 +801,8 @@ def _main_train(argv: list[str]) -> int:
     if is_main:
         _log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")
     try:
-        result = train(cfg, resume=ns.resume, stop_at=ns.stop_at)
-    except ValueError as e:
+        result = train(cfg, resume=ns.resume, stop_at=ns.stop_at, overwrite=ns.overwrite)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
@@ -882,7 +880,7 @@ def _main_overhead(argv: list[str]) -> int:
     train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or _cpu_cores())
-    bare, loop, evals, ckpts = [], [], [], []
+    bare, loop, evals, ckpts, bare_cpu, loop_cpu = [], [], [], [], [], []
     for r in range(ns.repeats):
         # bare: a fixed batch already on the device, forward + backward + optimizer step, nothing else
         torch.manual_seed(cfg.seed)
@@ -891,7 +889,7 @@ def _main_overhead(argv: list[str]) -> int:
         x, y = _get_batch(train_tokens, cfg.batch_size, cfg.model.context_length, device, batch_rng(0, 0, 0))
         for i in range(ns.steps + 2):
             if i == 2:  # two warm-up steps
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(cfg.grad_accum):
                 model.loss(x, y).backward()
             opt.step()
@@ -899,14 +897,17 @@ def _main_overhead(argv: list[str]) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         bare.append((time.perf_counter() - t0) / ns.steps)
+        bare_cpu.append((time.process_time() - c0) / ns.steps)
         del model, opt
         run_cfg = merge(cfg, {"out_dir": f"{ns.out_dir}/r{r}", "max_steps": ns.steps, "warmup_steps": min(cfg.warmup_steps, ns.steps),
                               "eval_interval": ns.steps, "checkpoint_interval": 0, "prepare_demo_data": False})
-        res = train(run_cfg, quiet=True)
+        res = train(run_cfg, quiet=True, overwrite=True)
         loop.append(res.step_seconds / res.step)
+        loop_cpu.append(res.step_cpu_seconds / res.step)
         evals.append(res.eval_seconds / max(1, res.eval_count))
         ckpts.append(res.ckpt_seconds / max(1, res.ckpt_count))
-        print(f"repeat {r}: bare {bare[-1] * 1e3:.1f} ms/step | loop {loop[-1] * 1e3:.1f} ms/step | "
+        print(f"repeat {r}: bare {bare[-1] * 1e3:.1f} ms/step (cpu {bare_cpu[-1] * 1e3:.0f}) | loop {loop[-1] * 1e3:.1f} "
+              f"ms/step (cpu {loop_cpu[-1] * 1e3:.0f}) | "
               f"eval {evals[-1] * 1e3:.0f} ms | checkpoint {ckpts[-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     med = lambda v: float(np.median(v))  # noqa: E731
     b, lp, e, c = med(bare), med(loop), med(evals), med(ckpts)
@@ -914,7 +915,9 @@ def _main_overhead(argv: list[str]) -> int:
     n_ckpts = (cfg.max_steps // cfg.checkpoint_interval if cfg.checkpoint_interval else 1) + n_evals  # + best.pt
     total = lp * cfg.max_steps + e * n_evals + c * n_ckpts
     per_step = (lp - b) / b
-    print(f"{cfg.preset}: bare {b * 1e3:.1f} ms/step, loop {lp * 1e3:.1f} ms/step -> per-step overhead {100 * per_step:.2f}%")
+    bc, lc = med(bare_cpu), med(loop_cpu)
+    print(f"{cfg.preset}: bare {b * 1e3:.1f} ms/step, loop {lp * 1e3:.1f} ms/step -> per-step overhead {100 * per_step:.2f}% "
+          f"(process CPU time: bare {bc * 1e3:.0f} ms, loop {lc * 1e3:.0f} ms -> {100 * (lc - bc) / bc:.2f}%)")
     print(f"amortised over {cfg.max_steps} steps ({n_evals} evals x {e * 1e3:.0f} ms, <= {n_ckpts} checkpoints x "
           f"{c * 1e3:.0f} ms): total overhead {100 * (total / (b * cfg.max_steps) - 1):.2f}% "
           f"(of which eval {100 * e * n_evals / (b * cfg.max_steps):.2f}%, checkpoints {100 * c * n_ckpts / (b * cfg.max_steps):.2f}%)")

@@ -77,6 +77,9 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path) -> None:
     for key in ("model", "optimizer", "iteration", "model_config", "train_config", "rng", "sampler", "best_val"):
         assert key in saved
     assert saved["iteration"] == 20 and saved["model_config"]["d_model"] == 32
+    # a fresh start must not mix its checkpoints with an earlier run's
+    with pytest.raises(ValueError, match="already holds a run .*--resume auto.*--overwrite"):
+        train(cfg, quiet=True)
 
 
 def test_sigint_finishes_the_step_saves_and_resumes_exactly(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -138,7 +141,10 @@ def test_world_2_accum_1_equals_world_1_accum_2(data_dir: Path, tmp_path: Path) 
     kw = dict(max_steps=4, eval_interval=2, checkpoint_interval=4, log_interval=1)
     single = train(_cfg(data_dir, tmp_path / "w1", grad_accum=2, **kw), quiet=True)
     cfg2 = _cfg(data_dir, tmp_path / "w2", grad_accum=1, **kw)
-    # fork: the children inherit the imported torch instead of paying for a fresh import each
+    # fork: the children inherit the imported torch instead of paying for a fresh import each; DDP's
+    # constructor imports torch._dynamo (seconds), so import it once here rather than once per child
+    import torch._dynamo  # noqa: F401
+
     mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg2.to_dict()), nprocs=2, join=True, start_method="fork")
     a, b = _params(single.checkpoint), _params(tmp_path / "w2" / "checkpoints" / "step_0000004.pt")
     for k in a:
