@@ -24,7 +24,7 @@ import time
 import torch
 
 from llm.config import model_preset
-from llm.generating import iter_tokens
+from llm.generating import _forward, iter_tokens
 from llm.sampling import SamplingConfig
 from llm.transformer import Transformer
 
@@ -54,7 +54,7 @@ def time_prefill(model, prompt: torch.Tensor, device: torch.device) -> float:
     cache = model.new_kv_cache(prompt.shape[0])
     _sync(device)
     t0 = time.perf_counter()
-    model(prompt, kv_cache=cache)
+    _forward(model, prompt, None, cache, last_only=True)  # what generation runs: last position's logits only
     _sync(device)
     return time.perf_counter() - t0
 

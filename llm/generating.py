@@ -71,6 +71,10 @@ def _forward(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool)
     if mask is not None:  # left padding: each row's first real token is position 0
         positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1] :]
     with _autocast(ids.device):
+        if last_only and hasattr(model, "hidden") and hasattr(model, "lm_head"):
+            # only the last position's logits are needed: skip lm_head for the rest of a prefill
+            h = model.hidden(ids, token_positions=positions, kv_cache=cache, attention_mask=mask)
+            return model.lm_head(h[:, -1]).float()
         logits = model(ids, token_positions=positions, kv_cache=cache, attention_mask=mask)
     return logits[:, -1].float() if last_only else logits.float()
 
@@ -443,7 +447,7 @@ def load_model(checkpoint: str | Path, *, device: str | torch.device | None = No
     try:
         path = Path(resolve_checkpoint(src))
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"no checkpoint in {src}: {e}") from None
+        raise ValueError(str(e).splitlines()[0] if str(e) else f"no checkpoint in {src}") from None
     try:
         ckpt = read_checkpoint(path)
     except Exception as e:  # a truncated/foreign file: torch raises many types
@@ -651,10 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             slid.append(dropped)
 
         opts = GenerationOptions(args.max_new_tokens, args.stop, args.seed, not args.no_cache, on_slide, sampling)
-        print(f"[{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        print(f"[{path}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{'KV cache' if opts.use_cache else 'no cache'}, {_device(model)}]", file=sys.stderr, flush=True)
         if args.interactive:
             return repl(model, tokenizer, opts)
+        ctx = _context_length(model)
+        if sampling.num_beams > 1 and len(tokenizer.encode(args.prompt)) + args.max_new_tokens > ctx:
+            print(f"[note: beam search stays inside the {ctx}-token context window: fewer than "
+                  f"{args.max_new_tokens} new tokens]", file=sys.stderr, flush=True)
         kwargs = dict(max_new_tokens=opts.max_new_tokens, stop=opts.stop, seed=opts.seed, use_cache=opts.use_cache,
                       on_slide=on_slide, **_kwargs(sampling))
         if args.num_samples == 1:

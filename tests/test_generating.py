@@ -4,6 +4,7 @@ split across tokens, stop strings, <|endoftext|>), beam search on the model, the
 from __future__ import annotations
 
 import io
+import itertools
 import sys
 from pathlib import Path
 
@@ -216,6 +217,29 @@ def test_beam_search_on_the_model_uses_its_log_probs_and_the_cache_changes_nothi
     g_lp = torch.log_softmax(model(torch.tensor([prompt + greedy]))[0, 2:-1].double(), -1)
     g_score = g_lp.gather(1, torch.tensor(greedy)[:, None]).sum().item() / 6
     assert with_cache[0].score >= g_score - 1e-9
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_on_a_tiny_model_equals_exhaustive_search(use_cache: bool) -> None:
+    """Vocabulary of 4 (eos = 0), 4 new tokens: beams wide enough to prune nothing find the best sequence."""
+    model = tiny_model(vocab=4, ctx=16, kv_heads=2, seed=2)
+    prompt, max_new, alpha = [1, 3, 2], 4, 0.7
+    cands = []
+    for length in range(1, max_new + 1):
+        for seq in itertools.product(range(4), repeat=length):
+            if 0 in seq[:-1] or (length < max_new and seq[-1] != 0):
+                continue
+            cands.append(list(seq))
+    scores = []
+    for seq in cands:  # independent scoring: one plain forward per candidate, log-softmax in float64
+        logits = model(torch.tensor([prompt + seq]))[0, len(prompt) - 1 : -1].double()
+        lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq)[:, None]).sum().item()
+        scores.append(lp / len(seq) ** alpha)
+    order = sorted(range(len(cands)), key=lambda i: -scores[i])
+    hyps = beam_generate(model, prompt, SamplingConfig(num_beams=27, length_penalty=alpha), max_new_tokens=max_new,
+                         eos_id=0, use_cache=use_cache, num_return=3)
+    assert [h.tokens for h in hyps] == [cands[i] for i in order[:3]]
+    assert all(abs(h.score - scores[i]) < 1e-4 for h, i in zip(hyps, order))
 
 
 # ------------------------------------------------------------------------------ REPL
