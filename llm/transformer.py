@@ -207,7 +207,7 @@ class MultiHeadAttention(nn.Module):
                 if impl == "flash":
                     raise
             else:
-                return flash_attention(q, k, v, True)
+                return flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), True)
         return causal_attention(q, k, v)
 
     def forward(

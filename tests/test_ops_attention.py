@@ -100,3 +100,14 @@ def test_errors() -> None:
         MultiHeadAttention(16, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="bool"):
         scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 2))
+
+
+def test_low_precision_inputs_use_fp32_softmax() -> None:
+    """bf16 queries against an fp32 KV cache (decoding under autocast): computed in fp32, returned in bf16."""
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    out = scaled_dot_product_attention(q.bfloat16(), k, v)
+    assert out.dtype == torch.bfloat16
+    ref = F.scaled_dot_product_attention(q.bfloat16().float(), k, v)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    oc = causal_attention(*(t.bfloat16() for t in (q, q, q)))
+    assert oc.dtype == torch.bfloat16

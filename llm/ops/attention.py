@@ -57,7 +57,13 @@ def scaled_dot_product_attention(
     `mask` (... q k) bool, True = may attend."""
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"attention mask must be bool (True = may attend), got {mask.dtype}")
-    return AttentionFn.apply(q, k, v, mask)
+    dtype = q.dtype
+    ct = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.promote_types(v.dtype, torch.float32))
+    if ct == q.dtype == k.dtype == v.dtype:
+        return AttentionFn.apply(q, k, v, mask)
+    # bf16 under autocast, or a bf16 query against an fp32 KV cache: softmax in fp32, result in q's dtype
+    with torch.autocast(q.device.type, enabled=False):
+        return AttentionFn.apply(q.to(ct), k.to(ct), v.to(ct), mask).to(dtype)
 
 
 # Score-buffer size per chunk (elements): small, reused memory instead of a fresh (b h s s) tensor.
