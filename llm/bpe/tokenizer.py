@@ -38,8 +38,8 @@ _BLOCK = 1 << 15  # chars per fast-path call  # longer pieces (e.g. unspaced scr
 class _BpeCache(dict):
     """pre-token -> its ids as a str of chr(id); a miss runs BPE (__missing__ keeps hits in C)."""
 
-    def __init__(self, bpe) -> None:
-        super().__init__()
+    def __init__(self, bpe, seed: dict[str, str]) -> None:
+        super().__init__(seed)
         self._bpe = bpe
 
     def __missing__(self, word: str) -> str:
@@ -123,8 +123,20 @@ class BpeTokenizer:
             if i < 0:
                 raise ValueError(f"negative token id {i}")
             self._decode_table[i] = t
-        self._cache = _BpeCache(self._bpe)  # pre-token -> id chars
-        self._pieces: dict[str, str] = {}  # space-split piece -> id chars of " " + piece
+        # A pre-token that is itself a token encodes to that token (tiktoken's shortcut; for a
+        # trained vocabulary also what the merges give, as each token was built from its own bytes),
+        # so both caches start with the vocabulary instead of running BPE on its most common words.
+        whole: dict[str, str] = {}
+        for i in sorted(set(self._merged_id)) + self._byte_ids[:128]:
+            with suppress(UnicodeDecodeError):
+                whole.setdefault(self.vocab[i].decode("utf-8"), chr(i))
+        self._whole = whole
+        # " " + an ASCII word is one pre-token, so a piece "word" whose " word" is a token is known too
+        self._whole_pieces = {
+            t[1:]: c for t, c in whole.items() if t[:1] == " " and t[1:].isascii() and t[1:].isalpha()
+        }
+        self._cache = _BpeCache(self._bpe, whole)  # pre-token -> id chars
+        self._pieces: dict[str, str] = dict(self._whole_pieces)  # space-split piece -> id chars of " " + piece
 
     # ------------------------------------------------------------------ properties
     @property
@@ -244,6 +256,8 @@ class BpeTokenizer:
         if len(self._cache) > _CACHE_LIMIT or len(self._pieces) > _CACHE_LIMIT:
             self._cache.clear()
             self._pieces.clear()
+            self._cache.update(self._whole)
+            self._pieces.update(self._whole_pieces)
         pieces = text.split(" ")
         cache = self._pieces
         ws = WHITESPACE
