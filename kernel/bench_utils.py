@@ -137,6 +137,60 @@ def available_memory_bytes(device: torch.device) -> int:
     return 8 << 30
 
 
+class TensorMemoryTracker:
+    """Exact peak of the CPU tensor memory allocated while active (a TorchDispatchMode sees every op's
+    outputs; weak references to their storages tell when they are freed). Inputs that existed before are
+    not counted. RSS cannot give this: the allocator keeps freed pages and the kernel counts RSS lazily."""
+
+    def __new__(cls):  # build the mode class lazily: torch.utils._python_dispatch is a private module
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        class _Tracker(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+                self.current = 0
+                self.peak = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in self.live:
+                            self.live[key] = (StorageWeakRef(st), st.nbytes())
+                            self.current += st.nbytes()
+                self.peak = max(self.peak, self.current)
+                for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+                    self.current -= self.live.pop(key)[1]
+                return out
+
+        return _Tracker()
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> dict[str, int | None]:
+    """Peak memory of one call. CUDA: allocator peak above the start. CPU: exact tensor peak (see
+    TensorMemoryTracker) and the process's peak RSS above the start (coarse)."""
+    import gc
+
+    gc.collect()
+    sync(device)
+    base = current_memory_bytes(device)
+    reset_peak_memory(device)
+    if device.type == "cuda":
+        fn()
+        sync(device)
+        peak = peak_memory_bytes(device)
+        return {"peak_bytes": None if peak is None or base is None else max(peak - base, 0)}
+    with TensorMemoryTracker() as tracker:
+        fn()
+    rss = peak_memory_bytes(device)
+    return {"peak_bytes": tracker.peak, "peak_rss_bytes": None if rss is None or base is None else max(rss - base, 0)}
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "n/a"

@@ -38,16 +38,13 @@ from kernel.bench_utils import (
     atomic_write_text,
     autocast,
     available_memory_bytes,
-    current_memory_bytes,
     exact_cpu_rss,
+    measure_peak,
     fmt_bytes,
     machine_info,
-    peak_memory_bytes,
     progress,
-    reset_peak_memory,
     resolve_device,
     summarize,
-    sync,
     timed,
 )
 
@@ -182,14 +179,9 @@ def memory_point(impls: dict, args, device, dtype, d: int, s: int, results: dict
     for name in names:
         if "fwd+bwd" not in args.passes:  # first backward call: library code paging in is not attention memory
             run_pass(impls[name], q, k, v, do, "fwd+bwd", device, dtype)
-        gc.collect()
-        sync(device)
-        base = current_memory_bytes(device)
-        reset_peak_memory(device)
-        run_pass(impls[name], q, k, v, do, "fwd+bwd", device, dtype)
-        sync(device)
-        peak = peak_memory_bytes(device)
-        results[name]["peak_above_start_bytes"] = None if peak is None or base is None else max(peak - base, 0)
+        m = measure_peak(lambda: run_pass(impls[name], q, k, v, do, "fwd+bwd", device, dtype), device)
+        results[name]["peak_above_start_bytes"] = m["peak_bytes"]
+        results[name]["peak_rss_above_start_bytes"] = m.get("peak_rss_bytes")
 
 
 def to_markdown(data: dict) -> str:
@@ -224,7 +216,8 @@ def to_markdown(data: dict) -> str:
             lines.append(f"| {p['d']} | {p['seq']} | " + " | ".join(cells) + " |")
         lines.append("")
     if any("peak_above_start_bytes" in r for p in data["points"] for r in p["results"].values()):
-        lines += ["## peak memory above start, fwd+bwd", "", "| d | seq | " + " | ".join(impls) + " |", "|---:|---:|" + "---:|" * len(impls)]
+        what = "allocator peak" if data["machine"]["device"].startswith("cuda") else "peak of tensor memory allocated inside the call (exact, tracked per op)"
+        lines += ["## peak memory above start, fwd+bwd", "", f"{what}; includes O, dQ, dK, dV and the saved activations.", "", "| d | seq | " + " | ".join(impls) + " |", "|---:|---:|" + "---:|" * len(impls)]
         for p in data["points"]:
             cells = [fmt_bytes(p["results"].get(n, {}).get("peak_above_start_bytes")) for n in impls]
             lines.append(f"| {p['d']} | {p['seq']} | " + " | ".join(cells) + " |")

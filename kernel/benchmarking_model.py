@@ -39,14 +39,12 @@ from kernel.bench_utils import (
     autocast,
     available_memory_bytes,
     cuda_memory_history,
-    current_memory_bytes,
     exact_cpu_rss,
+    measure_peak,
     fmt_bytes,
     machine_info,
     paired_speed_ratio,
-    peak_memory_bytes,
     progress,
-    reset_peak_memory,
     resolve_device,
     summarize,
     sync,
@@ -178,18 +176,10 @@ def measure_memory(runners: list[Runner], phases: list[str], x: torch.Tensor, y:
         exact_cpu_rss()
     for r in runners:
         for phase in phases:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            sync(device)
-            base = current_memory_bytes(device)
-            reset_peak_memory(device)
             snap = snapshot_dir / f"memory_{r.name}_{phase.replace('+', '_')}.pickle" if snapshot_dir and phase == "step" else None
             with cuda_memory_history(device, snap):
-                r.fns[phase](x, y)
-                sync(device)
-            peak = peak_memory_bytes(device)
-            out[f"{r.name}/{phase}"] = {"peak_bytes": peak, "above_start_bytes": None if peak is None or base is None else peak - base, "snapshot": str(snap) if snap else None}
+                m = measure_peak(lambda: r.fns[phase](x, y), device)
+            out[f"{r.name}/{phase}"] = {**m, "snapshot": str(snap) if snap else None}
     return out
 
 
@@ -513,11 +503,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# same weights, same batch: loss ours {result['loss_check']['ours']:.6f}, torch {result['loss_check']['torch']:.6f}")
         print(format_run(result))
         if "memory" in result:
-            print("\n| impl/phase | peak memory | above start |\n|---|---:|---:|")
+            cpu = device.type == "cpu"
+            print("\n| impl/phase | peak memory above start |" + (" peak RSS above start |\n|---|---:|---:|" if cpu else "\n|---|---:|"))
             for k, v in result["memory"].items():
-                print(f"| {k} | {fmt_bytes(v['peak_bytes'])} | {fmt_bytes(v['above_start_bytes'])} |" + (f" snapshot {v['snapshot']}" if v["snapshot"] else ""))
-            if device.type == "cpu":
-                print("(CPU: peak resident set size of the whole process, reset before each measurement)")
+                print(f"| {k} | {fmt_bytes(v['peak_bytes'])} |" + (f" {fmt_bytes(v['peak_rss_bytes'])} |" if cpu else "") + (f" snapshot {v['snapshot']}" if v["snapshot"] else ""))
+            print("(CUDA: allocator peak. CPU: exact peak of tensors allocated inside one call, tracked per op; "
+                  "RSS is coarse: the allocator keeps freed pages)")
         if args.json:
             atomic_write_json(args.json, result)
         return 0
