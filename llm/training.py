@@ -171,6 +171,20 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return entropy_of_counts(token_counts(tokens, minlength=vocab_size))
 
 
+def corpus_entropy(cfg: TrainConfig, max_tokens: int = 200_000_000) -> float:
+    """Unigram entropy of the training tokens: from the data dir's meta.json when `llm.data prepare` recorded
+    it for this very array, else counted (over the first `max_tokens` on huge corpora)."""
+    meta = Path(cfg.train_data).parent / "meta.json"
+    try:
+        m = json.loads(meta.read_text())
+        if m.get("train") == Path(cfg.train_data).name and m.get("train_tokens") == len(np.load(cfg.train_data, mmap_mode="r")):
+            return float(m["unigram_entropy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
+    return unigram_entropy(tokens[:max_tokens], cfg.model.vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------- model
 class LossModule(nn.Module):
     """`forward(x, y) -> loss`, so that DDP (which hooks forward) and torch.compile wrap the fused loss."""
@@ -771,8 +785,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Callable[[], nn.Module | None],
                         no_sample: bool) -> None:
     """Rank 0, after training: val loss vs unigram entropy, and a sample continuation."""
-    train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
-    h = unigram_entropy(train_tokens, cfg.model.vocab_size)
+    h = corpus_entropy(cfg)
     final_val = result.val_losses[max(result.val_losses)] if result.val_losses else math.nan
     print(f"final val loss {final_val:.4f} nats/token (ppl {math.exp(final_val):.2f}) vs unigram entropy of the "
           f"training corpus {h:.4f} nats/token (ppl {math.exp(h):.1f}); best val {result.best_val:.4f}", flush=True)
@@ -816,7 +829,7 @@ def _main_train(argv: list[str]) -> int:
         from llm.plotting import plot_run
 
         img = ns.img_dir if ns.img_dir is not None else ("img" if cfg.preset == "demo" else None)
-        written = plot_run(cfg.out_dir, img)
+        written = plot_run(cfg.out_dir, img, unigram_entropy=_entropy_or_none(cfg))
         if written:
             _log("plots: " + ", ".join(str(p) for p in written))
 
@@ -831,6 +844,13 @@ def _main_train(argv: list[str]) -> int:
     return 0
 
 
+def _entropy_or_none(cfg: TrainConfig) -> float | None:
+    try:
+        return corpus_entropy(cfg)
+    except (OSError, ValueError):  # data moved or gone: the plot goes on without the line
+        return None
+
+
 def _main_plot(argv: list[str]) -> int:
     p = _Parser(prog="python -m llm.training plot", description="Write loss.png and lr.png from RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir")
@@ -838,8 +858,15 @@ def _main_plot(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     from llm.plotting import plot_run
 
+    h = None
+    config = Path(ns.run_dir) / "config.json"
+    if config.is_file():
+        try:
+            h = _entropy_or_none(TrainConfig.from_dict(json.loads(config.read_text())))
+        except (ValueError, TypeError):
+            h = None
     try:
-        written = plot_run(ns.run_dir, ns.img_dir)
+        written = plot_run(ns.run_dir, ns.img_dir, unigram_entropy=h)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
