@@ -47,9 +47,11 @@ def _save(fig, paths: list[Path]) -> None:
         os.replace(tmp, p)  # atomic: a reader never sees half a png
 
 
-def plot_run(run_dir: str | Path, img_dir: str | Path | None = None, *, quiet: bool = False) -> list[Path]:
-    """Write loss.png and lr.png into `run_dir` (and `img_dir` if given). Returns the files written;
-    [] (with a hint on stderr) when matplotlib is missing."""
+def plot_run(run_dir: str | Path, img_dir: str | Path | None = None, *, unigram_entropy: float | None = None,
+             quiet: bool = False) -> list[Path]:
+    """Write loss.png and lr.png into `run_dir` (and `img_dir` if given); `unigram_entropy` (nats) adds the
+    corpus' context-free baseline as a dashed line. Returns the files written; [] (with a hint on stderr)
+    when matplotlib is missing."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     plt = _import_pyplot()
@@ -70,6 +72,8 @@ def plot_run(run_dir: str | Path, img_dir: str | Path | None = None, *, quiet: b
             ax.plot([r[key] * scale for r in train], [r["loss"] for r in train], label="train", lw=1.2)
         if val:
             ax.plot([r[key] * scale for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+        if unigram_entropy is not None:  # what a model that ignores context would score
+            ax.axhline(unigram_entropy, color="gray", ls="--", lw=1, label="unigram entropy of the corpus")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     ax_step.set_ylabel("cross-entropy loss (nats/token)")

@@ -171,6 +171,20 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return entropy_of_counts(token_counts(tokens, minlength=vocab_size))
 
 
+def corpus_entropy(cfg: TrainConfig, max_tokens: int = 200_000_000) -> float:
+    """Unigram entropy of the training tokens: from the data dir's meta.json when `llm.data prepare` recorded
+    it for this very array, else counted (over the first `max_tokens` on huge corpora)."""
+    meta = Path(cfg.train_data).parent / "meta.json"
+    try:
+        m = json.loads(meta.read_text())
+        if m.get("train") == Path(cfg.train_data).name and m.get("train_tokens") == len(np.load(cfg.train_data, mmap_mode="r")):
+            return float(m["unigram_entropy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
+    return unigram_entropy(tokens[:max_tokens], cfg.model.vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------- model
 class LossModule(nn.Module):
     """`forward(x, y) -> loss`, so that DDP (which hooks forward) and torch.compile wrap the fused loss."""
@@ -335,6 +349,7 @@ class TrainResult:
     mfu: float = math.nan
     step_seconds: float = 0.0  # time inside optimizer steps (data + fwd/bwd + clip + step + logging)
     step_cpu_seconds: float = 0.0  # the same in process CPU time (steadier than wall time on a busy machine)
+    step_times: list[tuple[float, float]] = field(default_factory=list)  # (wall, cpu) seconds of each step
     eval_seconds: float = 0.0
     eval_count: int = 0
     ckpt_seconds: float = 0.0
@@ -553,8 +568,6 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     loop_t0 = time.perf_counter()
     model.train()
     with StopFlag() as stop:
-        if start_step == 0 and ckpt is None:
-            run_eval(0)
         step = start_step
         window_t = time.perf_counter()
         while step < end_step:
@@ -593,8 +606,9 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
             result.step = step
             result.losses[step] = step_loss
             window_steps += 1
-            result.step_seconds += time.perf_counter() - t_step
-            result.step_cpu_seconds += time.process_time() - c_step
+            result.step_times.append((time.perf_counter() - t_step, time.process_time() - c_step))
+            result.step_seconds += result.step_times[-1][0]
+            result.step_cpu_seconds += result.step_times[-1][1]
 
             if step % cfg.log_interval == 0 or step == end_step:
                 now = time.perf_counter()
@@ -771,8 +785,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Callable[[], nn.Module | None],
                         no_sample: bool) -> None:
     """Rank 0, after training: val loss vs unigram entropy, and a sample continuation."""
-    train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
-    h = unigram_entropy(train_tokens, cfg.model.vocab_size)
+    h = corpus_entropy(cfg)
     final_val = result.val_losses[max(result.val_losses)] if result.val_losses else math.nan
     print(f"final val loss {final_val:.4f} nats/token (ppl {math.exp(final_val):.2f}) vs unigram entropy of the "
           f"training corpus {h:.4f} nats/token (ppl {math.exp(h):.1f}); best val {result.best_val:.4f}", flush=True)
@@ -816,7 +829,7 @@ def _main_train(argv: list[str]) -> int:
         from llm.plotting import plot_run
 
         img = ns.img_dir if ns.img_dir is not None else ("img" if cfg.preset == "demo" else None)
-        written = plot_run(cfg.out_dir, img)
+        written = plot_run(cfg.out_dir, img, unigram_entropy=_entropy_or_none(cfg))
         if written:
             _log("plots: " + ", ".join(str(p) for p in written))
 
@@ -831,6 +844,13 @@ def _main_train(argv: list[str]) -> int:
     return 0
 
 
+def _entropy_or_none(cfg: TrainConfig) -> float | None:
+    try:
+        return corpus_entropy(cfg)
+    except (OSError, ValueError):  # data moved or gone: the plot goes on without the line
+        return None
+
+
 def _main_plot(argv: list[str]) -> int:
     p = _Parser(prog="python -m llm.training plot", description="Write loss.png and lr.png from RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir")
@@ -838,8 +858,15 @@ def _main_plot(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     from llm.plotting import plot_run
 
+    h = None
+    config = Path(ns.run_dir) / "config.json"
+    if config.is_file():
+        try:
+            h = _entropy_or_none(TrainConfig.from_dict(json.loads(config.read_text())))
+        except (ValueError, TypeError):
+            h = None
     try:
-        written = plot_run(ns.run_dir, ns.img_dir)
+        written = plot_run(ns.run_dir, ns.img_dir, unigram_entropy=h)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -866,7 +893,7 @@ def _main_overhead(argv: list[str]) -> int:
     interleaved repeats, medians. Eval and checkpoint costs are amortised over the preset's intervals."""
     p = _Parser(prog="python -m llm.training overhead", description=_main_overhead.__doc__)
     p.add_argument("--preset", default="demo")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", default="runs/overhead")
     ns = p.parse_args(argv)
@@ -887,23 +914,24 @@ def _main_overhead(argv: list[str]) -> int:
         model = build_model(cfg.model, device)
         opt = build_optimizer(model, cfg)
         x, y = _get_batch(train_tokens, cfg.batch_size, cfg.model.context_length, device, batch_rng(0, 0, 0))
+        times = []
         for i in range(ns.steps + 2):
-            if i == 2:  # two warm-up steps
-                t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(cfg.grad_accum):
                 model.loss(x, y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        bare.append((time.perf_counter() - t0) / ns.steps)
-        bare_cpu.append((time.process_time() - c0) / ns.steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+        bare.append(float(np.median([t[0] for t in times[2:]])))  # two warm-up steps left out
+        bare_cpu.append(float(np.median([t[1] for t in times[2:]])))
         del model, opt
         run_cfg = merge(cfg, {"out_dir": f"{ns.out_dir}/r{r}", "max_steps": ns.steps, "warmup_steps": min(cfg.warmup_steps, ns.steps),
                               "eval_interval": ns.steps, "checkpoint_interval": 0, "prepare_demo_data": False})
         res = train(run_cfg, quiet=True, overwrite=True)
-        loop.append(res.step_seconds / res.step)
-        loop_cpu.append(res.step_cpu_seconds / res.step)
+        loop.append(float(np.median([t[0] for t in res.step_times[2:]])))  # same warm-up rule as bare
+        loop_cpu.append(float(np.median([t[1] for t in res.step_times[2:]])))
         evals.append(res.eval_seconds / max(1, res.eval_count))
         ckpts.append(res.ckpt_seconds / max(1, res.ckpt_count))
         print(f"repeat {r}: bare {bare[-1] * 1e3:.1f} ms/step (cpu {bare_cpu[-1] * 1e3:.0f}) | loop {loop[-1] * 1e3:.1f} "
@@ -911,7 +939,7 @@ def _main_overhead(argv: list[str]) -> int:
               f"eval {evals[-1] * 1e3:.0f} ms | checkpoint {ckpts[-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     med = lambda v: float(np.median(v))  # noqa: E731
     b, lp, e, c = med(bare), med(loop), med(evals), med(ckpts)
-    n_evals = 1 + cfg.max_steps // cfg.eval_interval
+    n_evals = cfg.max_steps // cfg.eval_interval + (cfg.max_steps % cfg.eval_interval > 0)
     n_ckpts = (cfg.max_steps // cfg.checkpoint_interval if cfg.checkpoint_interval else 1) + n_evals  # + best.pt
     total = lp * cfg.max_steps + e * n_evals + c * n_ckpts
     per_step = (lp - b) / b
