@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = train_cfg.get("val_data") if isinstance(train_cfg, dict) else None
             if not data:
                 raise ValueError(f"{path} records no validation data; pass --data FILE")
+            # recorded relative to the directory training ran in: look there too (above the run dir)
+            found = [c for c in (Path(data), *(q / data for q in path.parents)) if c.is_file()]
+            data = str(found[0]) if found else data
         tokens = load_tokens(data, tokenizer, _vocab_size(model), args.max_tokens)
         result = evaluate_tokens(model, tokens, context_length=args.context_length, stride=args.stride,
                                  batch_size=args.batch_size, progress=True)

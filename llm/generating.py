@@ -168,7 +168,11 @@ def iter_tokens(
         if not use_cache:
             logits = _forward(model, seq[:, start:cur], mask, None, last_only=True)
         elif cache is None or cache_start != start:  # prefill (first step, or after a slide)
-            cache, cache_start = _new_cache(model, b, ctx), start
+            if cache is not None and hasattr(cache, "reset"):
+                cache.reset()  # reuse the buffers: a slide only rewinds the write position
+            else:
+                cache = _new_cache(model, b, ctx)
+            cache_start = start
             logits = _forward(model, seq[:, start:cur], mask, cache, last_only=True)
         else:  # decode: only the newest token goes through the model
             logits = _forward(model, seq[:, cur - 1 : cur], mask, cache, last_only=True)
