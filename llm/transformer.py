@@ -17,11 +17,11 @@ from llm.kv_cache import KVCache
 from llm.ops.attention import causal_attention, scaled_dot_product_attention
 from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llm.ops.embedding import embedding
-from llm.ops.linear import linear
+from llm.ops.linear import linear, linears
 from llm.ops.rmsnorm import rms_norm
 from llm.ops.rope import rope
 from llm.ops.softmax import softmax
-from llm.ops.swiglu import silu, swiglu_packed
+from llm.ops.swiglu import silu, swiglu
 
 __all__ = [
     "CrossEntropyLoss",
@@ -124,9 +124,9 @@ class FFN(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one GEMM for w1 and w3 together (weights stay separate parameters for the state dict)
-        ab = linear(x, torch.cat([self.w1.weight, self.w3.weight]))
-        return self.w2(swiglu_packed(ab))
+        # w1 and w3 read the same x: one Function, whose backward accumulates dx in one buffer
+        a, b = linears(x, self.w1.weight, self.w3.weight)
+        return self.w2(swiglu(a, b))
 
 
 class RoPE(nn.Module):
@@ -220,9 +220,8 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        # one GEMM for q, k, v (and one for their gradients); the parameters stay separate
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, k, v = linear(x, w).split([h * dh, hkv * dh, hkv * dh], -1)
+        # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer
+        q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         q = q.view(b, s, h, dh).transpose(1, 2)
         k = k.view(b, s, hkv, dh).transpose(1, 2)
         v = v.view(b, s, hkv, dh).transpose(1, 2)

@@ -43,32 +43,8 @@ class SwiGLUFn(Function):
         sig, silu_a, b = ctx.saved_tensors
         db = silu_a * dy if ctx.needs_input_grad[1] else None
         # silu'(a) = σ(a)(1 + a(1 − σ(a))) = σ + silu − silu·σ ; da = dy ⊙ b ⊙ silu'(a)
-        da = torch.addcmul(sig + silu_a, silu_a, sig, value=-1)
+        da = torch.add(sig, silu_a).addcmul_(silu_a, sig, value=-1)  # one fresh buffer, then in place
         return da.mul_(dy).mul_(b), db
-
-
-class SwiGLUPackedFn(Function):
-    """swiglu on a packed ab = [a | b] (... 2f), the output of one matmul with [W1; W3]. Backward writes
-    da and db straight into one (... 2f) buffer, so the packed matmul's backward is one GEMM and no
-    concatenation copy is needed."""
-
-    @staticmethod
-    def forward(ctx, ab: torch.Tensor) -> torch.Tensor:
-        a, b = ab.chunk(2, -1)
-        sig = torch.sigmoid(a)
-        silu_a = a * sig
-        ctx.save_for_backward(sig, silu_a, b)
-        return silu_a * b
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        sig, silu_a, b = ctx.saved_tensors
-        dab = torch.empty(*dy.shape[:-1], 2 * dy.shape[-1], dtype=dy.dtype, device=dy.device)
-        da, db = dab.chunk(2, -1)
-        torch.mul(silu_a, dy, out=db)
-        torch.addcmul(sig + silu_a, silu_a, sig, value=-1, out=da)
-        da.mul_(dy).mul_(b)
-        return dab
 
 
 def silu(a: torch.Tensor) -> torch.Tensor:
@@ -80,9 +56,3 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) ⊙ b, elementwise (the SwiGLU gate)."""
     return SwiGLUFn.apply(a, b)
 
-
-def swiglu_packed(ab: torch.Tensor) -> torch.Tensor:
-    """swiglu(a, b) for ab = [a | b] packed along the last dim (... 2f) -> (... f)."""
-    if ab.shape[-1] % 2:
-        raise ValueError(f"packed swiglu needs an even last dimension, got {ab.shape[-1]}")
-    return SwiGLUPackedFn.apply(ab)
