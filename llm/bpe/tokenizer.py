@@ -249,7 +249,11 @@ class BpeTokenizer:
         if self._split is not None:  # pieces holding a special token (rare): found in one search
             sep = self._special_free_char  # so no match straddles two pieces
             joined = sep.join(todo)
-            hit = {joined.count(sep, 0, m.start()) for m in self._split.finditer(joined)}
+            hit, k, at = set(), 0, 0
+            for m in self._split.finditer(joined):  # piece index = separators before the match
+                k += joined.count(sep, at, m.start())
+                at = m.start()
+                hit.add(k)
             for k in sorted(hit, reverse=True):
                 pieces[todo[k]] = unit(" " + todo[k])
                 del todo[k]
