@@ -118,7 +118,10 @@ class BpeTokenizer:
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
         self._space_in_specials = any(" " in t for t in self.special_tokens)
-        self._special_free_char = next(c for c in map(chr, range(0x110000)) if not any(c in t for t in self.special_tokens))
+        # joins pieces so that one search finds those holding a special (see _fill_pieces)
+        self._special_free_char = next(
+            c for c in map(chr, range(0x110000)) if not any(c in t for t in self.special_tokens)
+        )
 
         size = max(self.vocab, default=-1) + 1
         self._decode_table: list[bytes | None] = [None] * size
