@@ -429,3 +429,16 @@ def test_specials_with_spaces_encode_and_stream(trained) -> None:
         assert list(tok.encode_iterable(pieces)) == ids
     long = "".join(rng.choice(parts) for _ in range(30000))  # several streaming buffers
     assert list(tok.encode_iterable(long[i : i + 777] for i in range(0, len(long), 777))) == tok.encode(long)
+
+
+def test_word_and_punctuation_specials_in_bulk_fill_match_tiktoken(trained) -> None:
+    """Specials that look like an ASCII word or punctuation ("hello", "...") inside many new
+    pieces at once (the bulk cache fill and its word / word+punctuation shortcuts) stay special."""
+    rng = random.Random(5)
+    words = ["alpha", "beta", "data.", "hello", "hello,", "say", "x", "a.", "...", EOT, "foo...", "z" + EOT, "a.b"]
+    for special in ["hello", "...", "a."]:
+        tok = BpeTokenizer(trained.vocab, trained.merges, [EOT, special])
+        tik = tiktoken_for(tok)
+        for _ in range(20):
+            s = " ".join(rng.choice(words) + rng.choice(["", "q", ".", ";'"]) for _ in range(60))
+            assert tok.encode(s) == tik.encode(s, allowed_special="all"), (special, s)

@@ -18,6 +18,7 @@ from contextlib import suppress
 import json
 from array import array
 import os
+import string
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress, repeat
 from operator import not_
@@ -32,6 +33,7 @@ _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a
 _NO_RANK = 1 << 62
 _LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
 _MAX_PIECE = 64
+_PUNCT = string.punctuation  # ASCII chars outside \s, \p{L}, \p{N}
 _BLOCK = 1 << 15  # chars per fast-path call  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
 
 
@@ -116,6 +118,10 @@ class BpeTokenizer:
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
         self._space_in_specials = any(" " in t for t in self.special_tokens)
+        # joins pieces so that one search finds those holding a special (see _fill_pieces)
+        self._special_free_char = next(
+            c for c in map(chr, range(0x110000)) if not any(c in t for t in self.special_tokens)
+        )
 
         size = max(self.vocab, default=-1) + 1
         self._decode_table: list[bytes | None] = [None] * size
@@ -134,6 +140,7 @@ class BpeTokenizer:
         # " " + an ASCII word is one pre-token, so a piece "word" whose " word" is a token is known too
         self._whole_pieces = {
             t[1:]: c for t, c in whole.items() if t[:1] == " " and t[1:].isascii() and t[1:].isalpha()
+            and not (self._split and self._split.search(t[1:]))  # an ASCII-word special stays special
         }
         self._cache = _BpeCache(self._bpe, whole)  # pre-token -> id chars
         self._pieces: dict[str, str] = dict(self._whole_pieces)  # space-split piece -> id chars of " " + piece
@@ -226,30 +233,61 @@ class BpeTokenizer:
         return "".join(out)
 
     def _fill_pieces(self, new: set[str]) -> None:
-        """Cache the ids of " " + piece for many new pieces with one regex pass.
+        """Cache the ids of " " + piece for many new pieces (cold path, all in bulk).
 
-        Units are joined by a whitespace separator absent from all of them: between a unit that
-        ends in a non-space and one that starts with " " + non-space, GPT-2's regex makes the
-        separator a pre-token of its own, so the ids split back into units at its id.
+        Pieces holding a special token are encoded one by one (special-aware). Of the others, an
+        ASCII word is one pre-token with its space, and an ASCII word followed by punctuation
+        ("earth.", "LORD;'") is two: " word" and the punctuation run (no pattern joins letters to
+        punctuation, and `'s`-style contractions need a letter after the quote). The rest are
+        joined by a whitespace separator absent from all of them and pre-tokenised in one regex
+        pass: between a unit that ends in a non-space and one that starts with " " + non-space,
+        GPT-2's regex makes the separator a pre-token of its own, so the ids split back into units
+        at its id.
         """
         ws = WHITESPACE
-        # ASCII words are one pre-token (` ?\p{L}+`) with their space: no regex needed
-        words = [p for p in filter(str.isascii, filter(str.isalpha, new)) if len(p) <= _MAX_PIECE]
-        if words:
-            self._pieces.update(zip(words, map(self._cache.__getitem__, map(" ".__add__, words))))
-            new = new.difference(words)
-        new_list = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
-        if not new_list:
+        todo = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
+        if not todo:
             return
-        joined = " ".join(new_list)
+        pieces, unit = self._pieces, self._encode_unit
+        if self._split is not None:  # pieces holding a special token (rare): found in one search
+            sep = self._special_free_char  # so no match straddles two pieces
+            joined = sep.join(todo)
+            hit, k, at = set(), 0, 0
+            for m in self._split.finditer(joined):  # piece index = separators before the match
+                k += joined.count(sep, at, m.start())
+                at = m.start()
+                hit.add(k)
+            for k in sorted(hit, reverse=True):
+                pieces[todo[k]] = unit(" " + todo[k])
+                del todo[k]
+        words, other = [], []
+        get = self._cache.__getitem__
+        for p in todo:
+            if p.isascii():
+                if p.isalpha():
+                    words.append(p)
+                    continue
+                h = p.rstrip(_PUNCT)
+                if not h:  # all punctuation: one pre-token with its space
+                    pieces[p] = get(" " + p)
+                    continue
+                if h.isalpha():
+                    pieces[p] = get(" " + h) + get(p[len(h) :])
+                    continue
+            other.append(p)
+        if words:
+            pieces.update(zip(words, map(get, map(" ".__add__, words))))
+        if not other:
+            return
+        joined = " ".join(other)
         sep = next((c for c in "\x0c\x0b\r\t\n" if c not in joined), None)
         if sep is None:  # every separator occurs in the text: one unit at a time
-            self._pieces.update(zip(new_list, map(self._encode_unit, map(" ".__add__, new_list))))
+            pieces.update(zip(other, map(unit, map(" ".__add__, other))))
             return
-        ids = self._encode_unit(" " + (sep + " ").join(new_list))
+        ids = unit(" " + (sep + " ").join(other))
         parts = ids.split(self._cache[sep])
-        assert len(parts) == len(new_list)
-        self._pieces.update(zip(new_list, parts))
+        assert len(parts) == len(other)
+        pieces.update(zip(other, parts))
 
     def _encode_ordinary(self, text: str) -> str:
         """Id chars of a text without special tokens (the split-on-space fast path)."""
@@ -260,50 +298,45 @@ class BpeTokenizer:
             self._pieces.update(self._whole_pieces)
         pieces = text.split(" ")
         cache = self._pieces
-        ws = WHITESPACE
         # "" marks work to do (no unit encodes to ""); comparing str to "" is far cheaper than to None
         vals: list[str] = list(map(cache.get, pieces, repeat("")))
         vals[0] = ""  # the first piece has no leading space
-        missing = vals.count("")
-        if missing > 2:  # new pieces (beyond the first): fill the cache in bulk first
-            self._fill_pieces(set(compress(pieces, map(not_, vals))))
-            if missing > len(pieces) >> 4:  # many: look everything up again (C speed)
-                vals = list(map(cache.get, pieces, repeat("")))
-                vals[0] = ""
-            else:  # few: patch just those
-                i = 0
-                with suppress(ValueError):
-                    while True:
-                        i = vals.index("", i + 1)
-                        vals[i] = cache.get(pieces[i], "")
+        if vals.count("") > 1:  # new pieces: fill the cache in bulk, then look just those up again
+            todo = list(compress(range(len(pieces)), map(not_, vals)))  # C speed
+            at = pieces.__getitem__
+            self._fill_pieces(set(map(at, todo)))
+            for i, v in zip(todo, map(cache.get, map(at, todo), repeat(""))):
+                vals[i] = v
+            vals[0] = ""
+        else:
+            todo = (0,)
         n = len(pieces)
-        i = 0
-        try:
-            while True:
-                i = vals.index("", i)  # hop to the next piece that needs work (C speed)
-                # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
-                j = i
-                while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
-                    j += 1
-                if i == 0:  # no leading space: not cached (its key could equal a piece)
-                    vals[0] = self._encode_unit(" ".join(pieces[: j + 1]))
-                elif i == j and (p := pieces[i]) and p[-1] not in ws:  # a new clean piece
-                    vals[i] = ids = self._encode_unit(" " + p)
-                    if len(p) <= _MAX_PIECE:
-                        cache[p] = ids
-                else:  # pieces glued by whitespace: cached under " " + text (pieces hold no space)
-                    key = " " + " ".join(pieces[i : j + 1])
-                    ids = cache.get(key)
-                    if ids is None:
-                        ids = self._encode_unit(key)
-                        if len(key) <= _MAX_PIECE:
-                            cache[key] = ids
-                    vals[i] = ids
-                if j > i:
-                    vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i (behind the hop)
-                i = j + 1
-        except ValueError:  # nothing left to do
-            pass
+        ws = WHITESPACE
+        done = -1  # pieces up to here are glued into an earlier unit
+        for i in todo:
+            if i <= done or vals[i]:
+                continue
+            # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
+            j = i
+            while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
+                j += 1
+            if i == 0:  # no leading space: not cached (its key could equal a piece)
+                vals[0] = self._encode_unit(" ".join(pieces[: j + 1]))
+            elif i == j and (p := pieces[i]) and p[-1] not in ws:  # a new clean piece
+                vals[i] = ids = self._encode_unit(" " + p)
+                if len(p) <= _MAX_PIECE:
+                    cache[p] = ids
+            else:  # pieces glued by whitespace: cached under " " + text (pieces hold no space)
+                key = " " + " ".join(pieces[i : j + 1])
+                ids = cache.get(key)
+                if ids is None:
+                    ids = self._encode_unit(key)
+                    if len(key) <= _MAX_PIECE:
+                        cache[key] = ids
+                vals[i] = ids
+            if j > i:
+                vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
+            done = j
         return "".join(vals)
 
     def _encode_chars(self, text: str) -> str:
