@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -314,23 +316,25 @@ def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, pe
     budget = args.max_seconds
     n_impls = 2 if args.compare == "torch" else 1
     points, skipped = [], []
-    plan = []
-    for size in sizes:
-        for T in contexts:
-            cfg = ModelConfig(**{**config_from_args(args, size).to_dict(), "context_length": T})
-            secs, mem = estimate(cfg, args.batch_size, peak, n_impls, args.phases, args.warmup, args.steps)
-            avail = available_memory_bytes(device)
-            if secs > budget:
-                skipped.append({"size": size, "context": T, "reason": f"estimated {secs:.0f}s > --max-seconds {budget:.0f}s"})
-            elif mem > 0.6 * avail:
-                skipped.append({"size": size, "context": T, "reason": f"estimated {fmt_bytes(mem)} > 60% of available {fmt_bytes(avail)}"})
-            else:
-                plan.append((size, T, cfg, secs))
-    for s in skipped:
-        progress(f"sweep: skipping {s['size']} @ {s['context']}: {s['reason']}")
-    eta = Eta(len(plan))
-    for size, T, cfg, secs in plan:
+    calib: list[float] = []  # measured / estimated seconds of the points run so far: the estimate learns the machine
+    todo = [(size, T) for size in sizes for T in contexts]
+    eta = Eta(len(todo))
+    for size, T in todo:
+        cfg = ModelConfig(**{**config_from_args(args, size).to_dict(), "context_length": T})
+        secs, mem = estimate(cfg, args.batch_size, peak, n_impls, args.phases, args.warmup, args.steps)
+        secs *= statistics.median(calib) if calib else 1.0
+        avail = available_memory_bytes(device)
+        reason = None
+        if secs > budget:
+            reason = f"estimated {secs:.0f}s > --max-seconds {budget:.0f}s"
+        elif mem > 0.6 * avail:
+            reason = f"estimated {fmt_bytes(mem)} > 60% of available {fmt_bytes(avail)}"
+        if reason:
+            skipped.append({"size": size, "context": T, "reason": reason})
+            progress(f"sweep: skipping {size} @ {T}: {reason} ({eta.tick()})")
+            continue
         progress(f"sweep: {size} @ context {T} (estimated {secs:.0f}s)")
+        t0 = time.perf_counter()
         try:
             res = run_once(cfg, args, device, dtype, peak, f"{size}-{T}")
         except torch.cuda.OutOfMemoryError as e:  # only raised on CUDA
@@ -339,9 +343,11 @@ def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, pe
             gc.collect()
             torch.cuda.empty_cache()
             continue
+        raw = secs / (statistics.median(calib) if calib else 1.0)
+        calib.append((time.perf_counter() - t0) / max(raw, 1e-9))
         res.update(size=size, context=T)
         points.append(res)
-        progress(f"sweep: done {eta.tick()}")
+        progress(f"sweep: done {size} @ {T} ({eta.tick()})")
     return {
         "machine": machine_info(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -393,7 +399,7 @@ def sweep_plot(data: dict, path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "no plot: matplotlib is not installed (`uv sync --extra plot`, or `pip install matplotlib`)"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     sizes = sorted({p["size"] for p in data["points"]}, key=list(MODEL_PRESETS).index)
     for i, size in enumerate(sizes):
         pts = [p for p in data["points"] if p["size"] == size]
@@ -403,6 +409,10 @@ def sweep_plot(data: dict, path: Path) -> str:
         ax.plot(ctx, [s["impls"]["ours"]["tokens_per_s"] for s in step], "o-", color=color, label=f"{size} ours")
         if all("torch" in s["impls"] for s in step):
             ax.plot(ctx, [s["impls"]["torch"]["tokens_per_s"] for s in step], "x--", color=color, label=f"{size} torch.nn")
+        for j, phase in enumerate(("forward", "fwd+bwd", "step")):
+            r = [next((ph.get("speed_ours_over_torch") for ph in p["phases"] if ph["phase"] == phase), None) for p in pts]
+            if all(v is not None for v in r):
+                ax2.plot(ctx, r, ["s:", "^--", "o-"][j], color=color, label=f"{size} {phase}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context length")
@@ -411,6 +421,14 @@ def sweep_plot(data: dict, path: Path) -> str:
     ax.set_title(f"{data['plot_phase']} throughput, {m.get('gpu') or 'CPU'}, {data['dtype']}, batch {data['batch_size']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("context length")
+    ax2.set_ylabel("speed ours / torch.nn (> 1: ours faster)")
+    ax2.set_title("paired, interleaved ratio (robust to machine load)")
+    ax2.grid(True, which="both", alpha=0.3)
+    if ax2.lines[1:]:
+        ax2.legend(fontsize=7, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -478,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         dtype = DTYPES[args.dtype]
         cfg = config_from_args(args)
         peak, peak_src = peak_flops(device, dtype, args.peak_flops)
+        if device.type == "cpu" and args.peak_flops is None:
+            # best of many: on a shared machine a short probe can land in a busy moment and make MFU read > 100%
+            from llm.hardware import measure_cpu_matmul_flops
+
+            peak = max(peak, measure_cpu_matmul_flops(1024, 25))
+            peak_src += f", best of 30 probes with {torch.get_num_threads()} thread(s)"
         info = machine_info(device)
         print(f"# {info}  dtype={args.dtype} compile={args.compile} peak={peak / 1e12:.3f} TFLOP/s ({peak_src})")
         if args.sweep:
