@@ -347,9 +347,8 @@ class TrainResult:
     interrupted: bool = False
     tokens_per_s: float = math.nan
     mfu: float = math.nan
-    step_seconds: float = 0.0  # time inside optimizer steps (data + fwd/bwd + clip + step + logging)
-    step_cpu_seconds: float = 0.0  # the same in process CPU time (steadier than wall time on a busy machine)
-    step_times: list[tuple[float, float]] = field(default_factory=list)  # (wall, cpu) seconds of each step
+    step_seconds: float = 0.0  # time of the optimizer steps (data + fwd/bwd + clip + step + logging)
+    step_times: list[tuple[float, float]] = field(default_factory=list)  # (whole step, fwd/bwd/optimizer part)
     eval_seconds: float = 0.0
     eval_count: int = 0
     ckpt_seconds: float = 0.0
@@ -399,10 +398,11 @@ def tokenizer_dir_for(cfg: TrainConfig) -> str | None:
 
 
 def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None, overwrite: bool = False,
-          quiet: bool = False) -> TrainResult:
+          quiet: bool = False, profile: bool = False) -> TrainResult:
     """Run (or continue) training as `cfg` says. `resume`: "auto", a run directory or a checkpoint file.
     `stop_at`: pause after this step (checkpoint + return), keeping the schedule of max_steps.
     `overwrite`: a fresh start may replace the checkpoints of an earlier run in `cfg.out_dir`.
+    `profile`: synchronise CUDA around the timed sections so `step_times` are exact (costs speed on GPUs).
     Call once per process (torchrun starts one per rank)."""
     cfg.validate()
     log = (lambda *a: None) if quiet else _log
@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
     info = setup_distributed(device_probe.type)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite,
+        return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite, profile=profile,
                       log=log if info.is_main else (lambda *a: None))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
 
 
 def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int | None, overwrite: bool,
-           log: Callable[..., None]) -> TrainResult:
+           profile: bool, log: Callable[..., None]) -> TrainResult:
     device = resolve_device(cfg, info)
     dtype = resolve_dtype(cfg, device)
     if device.type == "cpu":
@@ -494,6 +494,14 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     if cfg.compile:
         step_module = torch.compile(step_module)
     ctx = lambda: autocast_context(device, dtype)  # noqa: E731
+    from llm.optim import gradient_clip
+
+    def clock() -> float:
+        """Wall time; on CUDA under `profile`, after the queued kernels finish (else it would time launches)."""
+        if profile and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
@@ -571,7 +579,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         step = start_step
         window_t = time.perf_counter()
         while step < end_step:
-            t_step, c_step = time.perf_counter(), time.process_time()
+            t_step, compute = clock(), 0.0
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -582,13 +590,13 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
                                   batch_rng(cfg.seed, step, g))
                 # DDP: all-reduce gradients only on the last micro-batch of the step.
                 sync = micro == cfg.grad_accum - 1 or not info.enabled
+                t_c = clock()
                 with (contextlib.nullcontext() if sync else step_module.no_sync()), ctx():
                     loss = step_module(x, y)
                 scaler.scale(loss / cfg.grad_accum).backward()
+                compute += clock() - t_c
                 loss_sum += loss.detach().double()
             scaler.unscale_(optimizer)
-            from llm.optim import gradient_clip
-
             grad_norm = gradient_clip(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             # One all-reduce carries the loss and "someone got a signal", so every rank stops at the same step.
             packed = torch.stack([loss_sum, torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=device)])
@@ -599,16 +607,15 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
                     f"non-finite training loss ({step_loss}) at step {step + 1}; stopped without saving, "
                     f"last good checkpoint: {last_ckpt or 'none'} (try a lower --lr or --grad-clip)"
                 )
+            t_c = clock()
             scaler.step(optimizer)  # fp16: skips the update if the gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            compute += clock() - t_c
             step += 1
             result.step = step
             result.losses[step] = step_loss
             window_steps += 1
-            result.step_times.append((time.perf_counter() - t_step, time.process_time() - c_step))
-            result.step_seconds += result.step_times[-1][0]
-            result.step_cpu_seconds += result.step_times[-1][1]
 
             if step % cfg.log_interval == 0 or step == end_step:
                 now = time.perf_counter()
@@ -628,6 +635,9 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
                                "time": elapsed_before + now - t_start})
                 window_t, window_steps = time.perf_counter(), 0
 
+            # Per-step wall time (logging included, eval/checkpoints apart) and the fwd/bwd/optimizer part of it.
+            result.step_times.append((clock() - t_step, compute))
+            result.step_seconds += result.step_times[-1][0]
             t_aside = time.perf_counter()
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 run_eval(step)
@@ -889,11 +899,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------- loop overhead
 def _main_overhead(argv: list[str]) -> int:
-    """Loop overhead = (training loop time / bare fwd+bwd+step time) - 1, same model, same process,
-    interleaved repeats, medians. Eval and checkpoint costs are amortised over the preset's intervals."""
+    """Loop overhead of a preset's run: everything but forward/backward/optimizer-step (data, lr, clipping,
+    loss all-reduce, logging), plus eval and checkpoints amortised over the preset's intervals.
+    Measured two ways in one process: (1) inside the loop, per step, the fwd/bwd/step part against the whole
+    step (robust on a busy machine: both halves see the same load); (2) per-step medians of the training
+    loop against a bare fwd/bwd/step loop on the same model, interleaved repeats (noisy when others load the CPU)."""
     p = _Parser(prog="python -m llm.training overhead", description=_main_overhead.__doc__)
     p.add_argument("--preset", default="demo")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per repeat (+2 warm-up)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", default="runs/overhead")
     ns = p.parse_args(argv)
@@ -907,48 +920,52 @@ def _main_overhead(argv: list[str]) -> int:
     train_tokens = _open_tokens(cfg.train_data, cfg.model.vocab_size)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or _cpu_cores())
-    bare, loop, evals, ckpts, bare_cpu, loop_cpu = [], [], [], [], [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    med = lambda v: float(np.median(v))  # noqa: E731
+    bare, loop, inner, evals, ckpts = [], [], [], [], []
+    n = ns.steps + 2
     for r in range(ns.repeats):
-        # bare: a fixed batch already on the device, forward + backward + optimizer step, nothing else
+        # bare: one fixed batch already on the device; forward + backward + optimizer step, nothing else
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, device)
         opt = build_optimizer(model, cfg)
         x, y = _get_batch(train_tokens, cfg.batch_size, cfg.model.context_length, device, batch_rng(0, 0, 0))
         times = []
-        for i in range(ns.steps + 2):
-            t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
             for _ in range(cfg.grad_accum):
-                model.loss(x, y).backward()
+                with autocast_context(device, resolve_dtype(cfg, device)):
+                    loss = model.loss(x, y)
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0, time.process_time() - c0))
-        bare.append(float(np.median([t[0] for t in times[2:]])))  # two warm-up steps left out
-        bare_cpu.append(float(np.median([t[1] for t in times[2:]])))
+            sync()
+            times.append(time.perf_counter() - t0)
+        bare.append(med(times[2:]))  # two warm-up steps left out
         del model, opt
-        run_cfg = merge(cfg, {"out_dir": f"{ns.out_dir}/r{r}", "max_steps": ns.steps, "warmup_steps": min(cfg.warmup_steps, ns.steps),
-                              "eval_interval": ns.steps, "checkpoint_interval": 0, "prepare_demo_data": False})
-        res = train(run_cfg, quiet=True, overwrite=True)
-        loop.append(float(np.median([t[0] for t in res.step_times[2:]])))  # same warm-up rule as bare
-        loop_cpu.append(float(np.median([t[1] for t in res.step_times[2:]])))
+        run_cfg = merge(cfg, {"out_dir": f"{ns.out_dir}/r{r}", "max_steps": n, "warmup_steps": min(cfg.warmup_steps, n),
+                              "eval_interval": n, "checkpoint_interval": 0, "prepare_demo_data": False})
+        res = train(run_cfg, quiet=True, overwrite=True, profile=True)
+        steps = res.step_times[2:]
+        loop.append(med([w for w, _ in steps]))
+        inner.append(med([(w - c) / c for w, c in steps]))
         evals.append(res.eval_seconds / max(1, res.eval_count))
         ckpts.append(res.ckpt_seconds / max(1, res.ckpt_count))
-        print(f"repeat {r}: bare {bare[-1] * 1e3:.1f} ms/step (cpu {bare_cpu[-1] * 1e3:.0f}) | loop {loop[-1] * 1e3:.1f} "
-              f"ms/step (cpu {loop_cpu[-1] * 1e3:.0f}) | "
-              f"eval {evals[-1] * 1e3:.0f} ms | checkpoint {ckpts[-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
-    med = lambda v: float(np.median(v))  # noqa: E731
-    b, lp, e, c = med(bare), med(loop), med(evals), med(ckpts)
-    n_evals = cfg.max_steps // cfg.eval_interval + (cfg.max_steps % cfg.eval_interval > 0)
+        print(f"repeat {r}: bare {bare[-1] * 1e3:.0f} ms/step | loop {loop[-1] * 1e3:.0f} ms/step | in-loop overhead "
+              f"{100 * inner[-1]:.2f}% | eval {evals[-1] * 1e3:.0f} ms | checkpoint {ckpts[-1] * 1e3:.0f} ms",
+              file=sys.stderr, flush=True)
+    b, lp, ov, e, c = med(bare), med(loop), med(inner), med(evals), med(ckpts)
+    compute = lp / (1 + ov)  # the fwd/bwd/step part of a loop step
+    n_evals = -(-cfg.max_steps // cfg.eval_interval)  # every eval_interval, and at the end
     n_ckpts = (cfg.max_steps // cfg.checkpoint_interval if cfg.checkpoint_interval else 1) + n_evals  # + best.pt
-    total = lp * cfg.max_steps + e * n_evals + c * n_ckpts
-    per_step = (lp - b) / b
-    bc, lc = med(bare_cpu), med(loop_cpu)
-    print(f"{cfg.preset}: bare {b * 1e3:.1f} ms/step, loop {lp * 1e3:.1f} ms/step -> per-step overhead {100 * per_step:.2f}% "
-          f"(process CPU time: bare {bc * 1e3:.0f} ms, loop {lc * 1e3:.0f} ms -> {100 * (lc - bc) / bc:.2f}%)")
-    print(f"amortised over {cfg.max_steps} steps ({n_evals} evals x {e * 1e3:.0f} ms, <= {n_ckpts} checkpoints x "
-          f"{c * 1e3:.0f} ms): total overhead {100 * (total / (b * cfg.max_steps) - 1):.2f}% "
-          f"(of which eval {100 * e * n_evals / (b * cfg.max_steps):.2f}%, checkpoints {100 * c * n_ckpts / (b * cfg.max_steps):.2f}%)")
+    amort = (e * n_evals + c * n_ckpts) / (compute * cfg.max_steps)
+    print(f"{cfg.preset} ({ns.repeats} repeats x {ns.steps} steps, medians):")
+    print(f"  (1) in-loop: per-step overhead {100 * ov:.2f}% + eval {100 * e * n_evals / (compute * cfg.max_steps):.2f}% "
+          f"({n_evals} x {e * 1e3:.0f} ms) + checkpoints {100 * c * n_ckpts / (compute * cfg.max_steps):.2f}% "
+          f"(<= {n_ckpts} x {c * 1e3:.0f} ms) = {100 * (ov + amort):.2f}% of fwd/bwd/step time over {cfg.max_steps} steps")
+    print(f"  (2) vs a bare loop: bare {b * 1e3:.0f} ms/step, training loop {lp * 1e3:.0f} ms/step -> "
+          f"{100 * (lp / b - 1):+.2f}% per step, {100 * (lp / b - 1 + amort * compute / b):+.2f}% with eval/checkpoints")
     return 0
 
 
