@@ -21,17 +21,20 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 EOT = "<|endoftext|>"
 META_FORMAT = 1
@@ -58,6 +61,8 @@ def get_batch(
     ``np.random.seed`` makes it reproducible; pass a ``np.random.Generator`` for explicit control.
     Returns int64 tensors (batch, context_length) on ``device`` (pinned + non_blocking on CUDA).
     """
+    import torch  # here, not at module level: the data CLIs and inspect_data.py start faster without it
+
     if isinstance(dataset, torch.Tensor):
         dataset = dataset.detach().cpu().numpy()
     if batch_size < 1 or context_length < 1:
@@ -133,7 +138,7 @@ def _sampled_range(arr: np.ndarray, block: int = 1 << 16, blocks: int = 64) -> t
         size = block
     lo, hi, lo_at, hi_at = None, None, 0, 0
     for s in starts:
-        chunk = np.asarray(arr[s : s + size])
+        chunk = read_range(arr, s, s + size)
         cmin, cmax = int(chunk.min()), int(chunk.max())
         if lo is None or cmin < lo:
             lo, lo_at = cmin, s + int(chunk.argmin())
@@ -142,11 +147,25 @@ def _sampled_range(arr: np.ndarray, block: int = 1 << 16, blocks: int = 64) -> t
     return lo, hi, (lo_at if lo < 0 else hi_at)
 
 
+def read_range(arr: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``arr[start:stop]`` as an in-memory array. For a memmap opened from a file (np.load with
+    mmap_mode) it reads the bytes with a plain file read instead of touching the mapping, so a full
+    pass over a large array keeps resident memory at one chunk rather than growing with the file."""
+    stop = min(stop, len(arr))
+    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename and arr.ndim == 1 and stop > start:
+        with open(arr.filename, "rb") as f:
+            f.seek(arr.offset + start * arr.itemsize)
+            out = np.fromfile(f, dtype=arr.dtype, count=stop - start)
+        if len(out) == stop - start:
+            return out
+    return np.asarray(arr[start:stop])
+
+
 def token_counts(arr: np.ndarray, minlength: int = 0) -> np.ndarray:
     """Exact histogram of token ids in one chunked pass (bounded memory)."""
     counts = np.zeros(minlength, dtype=np.int64)
     for s in range(0, len(arr), _CHUNK):
-        c = np.bincount(np.asarray(arr[s : s + _CHUNK]).astype(np.int64, copy=False), minlength=minlength)
+        c = np.bincount(read_range(arr, s, s + _CHUNK).astype(np.int64, copy=False), minlength=minlength)
         if len(c) > len(counts):
             c[: len(counts)] += counts
             counts = c
@@ -179,10 +198,15 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
     return _cache[key]
 
 
+def _tmp_path(final: Path) -> Path:
+    """A fresh temp name next to ``final`` (same filesystem, so os.replace is atomic)."""
+    return final.with_name(f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _tmp_path(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:  # "x" + the process umask: normal permissions, unlike mkstemp's 0600
             json.dump(obj, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
@@ -228,7 +252,7 @@ def split_documents(
         has_sep = _file_contains(input_path, separator)
     except UnicodeDecodeError as e:
         raise ValueError(f"{input_path}: not UTF-8 text ({e})") from None
-    sep, joiner = (separator, f"\n{separator}\n") if has_sep else ("\n\n", "\n\n")
+    sep, joiner = (separator, f"\n{separator}\n") if has_sep else ("\n\n", None)
     n = sum(1 for _ in iter_documents(input_path, sep))
     if n < 2:
         raise ValueError(
@@ -237,27 +261,30 @@ def split_documents(
         )
     k = min(n - 1, max(1, round(val_fraction * n)))
     val_ids = set(random.Random(seed).sample(range(n), k))
-    tmps = []
+    tmps = {"train": _tmp_path(train_path), "val": _tmp_path(val_path)}
+    files = {}
     try:
-        files = {}
-        for name, final in (("train", train_path), ("val", val_path)):
-            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-            tmps.append(tmp)
-            files[name] = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        for name, tmp in tmps.items():
+            files[name] = open(tmp, "x", encoding="utf-8", newline="")
         stats = {"train_documents": 0, "val_documents": 0}
         for i, doc in enumerate(iter_documents(input_path, sep)):
             which = "val" if i in val_ids else "train"
-            files[which].write(doc + joiner if has_sep else (joiner if stats[f"{which}_documents"] else "") + doc)
+            if has_sep:
+                files[which].write(doc + joiner)
+            else:  # paragraphs: a blank line between them, a newline at the end
+                files[which].write(("\n\n" if stats[f"{which}_documents"] else "") + doc)
             stats[f"{which}_documents"] += 1
         for f in files.values():
             if not has_sep:
                 f.write("\n")
             f.close()
-        os.replace(tmps[0], train_path)
-        os.replace(tmps[1], val_path)
+        os.replace(tmps["train"], train_path)
+        os.replace(tmps["val"], val_path)
     except BaseException:
-        for t in tmps:
-            Path(t).unlink(missing_ok=True)
+        for f in files.values():
+            f.close()
+        for t in tmps.values():
+            t.unlink(missing_ok=True)
         raise
     stats["separator"] = separator if has_sep else "blank line"
     return stats
@@ -272,7 +299,7 @@ def _dir_lock(directory: Path) -> Iterator[None]:
     except ImportError:  # Windows: no advisory locks; callers there run one process anyway
         yield
         return
-    with open(directory / ".lock", "w") as f:
+    with open(directory / ".lock", "a") as f:  # "a": never truncate (an idempotent rerun changes nothing)
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -376,8 +403,9 @@ def prepare(
         tok_fp = {"train_sha256": train_sha, "vocab_size": vocab_size, "special_tokens": special_tokens}
 
         def do_tokenizer() -> None:
-            vocab, merges = train_bpe(str(train_txt), vocab_size, special_tokens)
-            tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer."))
+            vocab, merges = train_bpe(str(train_txt), vocab_size, special_tokens, num_workers=num_workers, progress=None if not quiet else False)
+            tmp = _tmp_path(tok_dir)
+            tmp.mkdir()
             try:
                 BpeTokenizer(vocab, merges, special_tokens).save(str(tmp))
                 if tok_dir.exists():
@@ -395,7 +423,7 @@ def prepare(
             tok = tok or BpeTokenizer.load(str(tok_dir))
             tmp = final.with_name(f".{final.stem}.tmp.npy")
             try:
-                tok.encode_file(str(text), str(tmp), num_workers=num_workers)
+                tok.encode_file(str(text), str(tmp), num_workers=num_workers, progress=not quiet)
                 open_tokens(tmp, tok.vocab_size)  # never publish an array the tokenizer could not have made
                 os.replace(tmp, final)
             except BaseException:

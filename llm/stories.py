@@ -20,13 +20,11 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 EOT = "<|endoftext|>"
-GENERATOR_VERSION = 1  # bump whenever the output for a given seed changes (ensure_demo_data regenerates)
+GENERATOR_VERSION = 2  # bump whenever the output for a given seed changes (ensure_demo_data regenerates)
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -52,8 +50,10 @@ PRONOUNS = {
     "she": {"he": "she", "him": "her", "his": "her", "hers": "hers", "himself": "herself"},
     "he": {"he": "he", "him": "him", "his": "his", "hers": "his", "himself": "himself"},
 }
-TRAITS = ["little", "kind", "curious", "brave", "shy", "happy", "clever", "friendly", "gentle", "cheerful", "small", "playful"]
-ELDERS = [("mom", "she"), ("dad", "he"), ("grandma", "she"), ("grandpa", "he"), ("big sister", "she"), ("big brother", "he")]
+TRAITS = ["little", "kind", "curious", "brave", "shy", "happy", "clever", "friendly", "gentle", "cheerful", "small", "playful",
+          "sleepy", "funny", "quiet", "polite", "busy", "smart"]
+ELDERS = [("mom", "she"), ("dad", "he"), ("grandma", "she"), ("grandpa", "he"), ("big sister", "she"), ("big brother", "he"),
+          ("aunt", "she"), ("uncle", "he")]
 COLORS = ["red", "blue", "green", "yellow", "pink", "purple", "orange", "white", "brown", "shiny"]
 
 # Places: (name, preposition phrase used after "went to", a description sentence pool key)
@@ -69,16 +69,22 @@ PLACES = {
     "hill": ["From the top, you could see the whole town.", "The wind was strong up there.", "Soft grass covered the hill."],
     "river": ["The water sparkled in the sun.", "Little fish swam near the rocks.", "A wooden bridge went over the water."],
     "town": ["The streets were busy and full of people.", "There was a bakery that smelled of fresh bread.", "Colorful shops lined the street."],
+    "library": ["Rows of books stood on tall shelves.", "It was quiet and cozy inside.", "A big window let in the sun."],
+    "lake": ["The lake was calm and blue.", "Boats with white sails floated on the water.", "Tall reeds grew by the shore."],
+    "market": ["There were piles of red apples and yellow bananas.", "People were buying fruit and bread.", "A man was selling flowers."],
+    "backyard": ["There was a big tree with a swing.", "The grass needed to be cut.", "A little fence went all around it."],
     "zoo": ["The monkeys were swinging from ropes.", "A big lion was sleeping in the sun.", "Children were pointing at the giraffes."],
 }
-WEATHER = ["It was a sunny day.", "The sky was blue and clear.", "It was a warm and windy day.", "The morning was bright and fresh.", "Fluffy white clouds floated in the sky."]
+WEATHER = ["It was a sunny day.", "The sky was blue and clear.", "It was a warm and windy day.", "The morning was bright and fresh.",
+           "Fluffy white clouds floated in the sky.", "A soft breeze was blowing.", "The air was cool and fresh after the rain."]
 TIMES = ["day", "morning", "afternoon", "sunny day", "summer day", "spring morning", "bright morning"]
 
 # Objects by what can happen to them.
-TOYS = ["ball", "kite", "teddy bear", "toy car", "doll", "toy boat", "book", "hat", "drum", "balloon", "toy train", "blanket", "cup", "robot", "scarf", "shovel"]
-LOSABLE = ["ball", "teddy bear", "toy car", "doll", "hat", "toy train", "robot", "scarf", "shovel", "blanket", "book", "cup"]
+TOYS = ["ball", "kite", "teddy bear", "toy car", "doll", "toy boat", "book", "hat", "drum", "balloon", "toy train", "blanket", "cup", "robot", "scarf", "shovel",
+        "puzzle", "yo-yo", "jump rope", "toy plane", "bucket", "puppet"]
+LOSABLE = ["ball", "teddy bear", "toy car", "doll", "hat", "toy train", "robot", "scarf", "shovel", "blanket", "book", "cup", "yo-yo", "puppet", "bucket"]
 STUCK = [("kite", "tree"), ("ball", "roof"), ("balloon", "tree"), ("hat", "fence"), ("ball", "tree"), ("kite", "roof"), ("frisbee", "tree"), ("scarf", "branch")]
-BREAKABLE = ["toy car", "robot", "doll", "toy train", "kite", "drum", "toy boat", "sand castle", "block tower", "cup"]
+BREAKABLE = ["toy car", "robot", "doll", "toy train", "kite", "drum", "toy boat", "toy plane", "puppet", "cup"]
 FOODS = [("apple", "apples"), ("cookie", "cookies"), ("cake", "cakes"), ("sandwich", "sandwiches"), ("banana", "bananas"),
          ("cupcake", "cupcakes"), ("pie", "pies"), ("candy", "candies"), ("orange", "oranges"), ("muffin", "muffins")]
 BAKED = [("cake", "cakes"), ("pie", "pies"), ("cookie", "cookies"), ("muffin", "muffins"), ("cupcake", "cupcakes")]
@@ -86,14 +92,16 @@ LIKES = [
     "play outside", "run in the grass", "sing songs", "draw pictures", "read books", "build with blocks",
     "look at the clouds", "jump in puddles", "help others", "dance", "climb trees", "play with friends",
     "watch the birds", "collect shells", "ride a bike", "bake cookies", "paint", "play hide and seek",
+    "swing on the swings", "pick flowers", "make up stories", "chase butterflies", "build sand castles",
+    "feed the ducks", "look at the stars", "splash in the water", "play with a ball", "sing with the birds",
 ]
-FEARS = [
-    ("the dark", "dark", "the lights went out"),
-    ("thunder", "loud", "a big storm came and thunder went boom"),
-    ("the big dog next door", "big", "the big dog next door started to bark"),
-    ("deep water", "deep", "they came to the deep end of the pool"),
-    ("the tall slide", "tall", "it was time to go down the tall slide"),
-    ("bugs", "small", "a big bug landed on the table"),
+FEARS = [  # (what, the moment it happens: a full sentence)
+    ("the dark", "One night, the lights went out and the room was very dark."),
+    ("thunder", "One night, a big storm came, and the thunder went boom."),
+    ("the big dog next door", "One day, the big dog next door ran to the fence and barked."),
+    ("deep water", "One day at the pool, all of {his} friends jumped into the deep water."),
+    ("the tall slide", "One day at the playground, it was {name}'s turn to go down the tall slide."),
+    ("bugs", "One day, a big bug landed right on {his} arm."),
 ]
 SKILLS = [
     ("ride a bike", "fell off the bike", "rode all the way down the street"),
@@ -200,6 +208,7 @@ class _Story:
         self.r = r
         self.c: dict[str, str] = {}
         self.paragraphs: list[list[str]] = [[]]
+        self.friend_seen = False  # endings may name the friend only once the story has introduced them
 
     def pick(self, options: list):
         return options[self.r.randrange(len(options))]
@@ -214,7 +223,9 @@ class _Story:
 
     def say(self, *options: str) -> None:
         """Append one of ``options`` (chosen at random), formatted and capitalised."""
-        s = self.pick(list(options)).format(**self.c)
+        t = self.pick(list(options))
+        self.friend_seen |= "{fname}" in t or "{Fname}" in t
+        s = t.format(**self.c)
         self.paragraphs[-1].append(s[0].upper() + s[1:])
 
     def new_paragraph(self) -> None:
@@ -238,6 +249,8 @@ def _intro(s: _Story) -> None:
         "Early one {time0}, {a_trait} {kind} named {name} woke up with a smile.",
         "{Name} was {a_trait} {kind} who lived near the {place}.",
         "There once was {a_trait} {kind} named {name}.",
+        "In a little house by the {place}, there lived {a_trait} {kind} named {name}.",
+        "Not long ago, there was {a_trait} {kind} called {name}.",
     )
     s.say(
         "{He} loved to {like}.",
@@ -264,6 +277,12 @@ def _setting(s: _Story) -> None:
         s.say(*PLACES[s.c["place"]])
     if s.r.random() < 0.4:
         s.say(*WEATHER)
+    if s.r.random() < 0.2:
+        s.say(
+            "On the way, {name} saw {a_color2} bird singing in a tree.",
+            "On the way, {he} waved to a friendly neighbor.",
+            "{Name} skipped and sang a little song as {he} walked.",
+        )
 
 
 def _meet_friend(s: _Story) -> None:
@@ -368,8 +387,8 @@ def _p_stuck(s: _Story) -> str:
 def _p_broken(s: _Story) -> str:
     _setting(s)
     s.say(
-        "{Name} and {fname} were playing with {name}'s {obj}.",
-        "{Fname} wanted to play with {name}'s {obj}.",
+        "{Name} and {his} friend {fname} were playing with {name}'s {obj}.",
+        "{His} friend {fname} came over and wanted to play with {name}'s {obj}.",
     )
     s.new_paragraph()
     s.say(
@@ -415,7 +434,7 @@ def _p_fear(s: _Story) -> str:
         "{He} always hid behind {his} {elder} when {he} saw it.",
     )
     s.new_paragraph()
-    s.say("One {time}, {fear_event}.", "{Connect_but} one night, {fear_event}.")
+    s.say(s.c["fear_event"])
     s.say(
         "{Name} felt very {scared}. {He} wanted to run away.",
         '"Help!" cried {name}. {He} was so {scared}.',
@@ -883,6 +902,8 @@ ENDINGS = [
     "It was a very good day.",
     "{Name} and {fname} stayed best friends forever.",
     "And they all lived happily ever after.",
+    "At dinner, {name} told {his} {elder} all about it.",
+    "The sun went down, and everyone went home happy.",
 ]
 
 
@@ -917,6 +938,7 @@ def make_story(r: random.Random) -> str:
     c["like"] = s.pick(LIKES)
     c["color"] = s.pick(COLORS)
     c["a_color"] = _a(c["color"])
+    c["a_color2"] = _a(s.pick(["red", "blue", "yellow", "little", "tiny", "orange", "brown"]))
     c["food"], c["foods"] = s.pick(FOODS)
     c["baked"], c["bakeds"] = s.pick(BAKED)
     c["animal"] = s.pick([a[0] for a in ANIMALS])
@@ -929,8 +951,8 @@ def make_story(r: random.Random) -> str:
     c["Connect_end"] = s.pick(CONNECT_END)
     c["connect_end_l"] = c["Connect_end"].lower()
     c["finder"] = s.pick([c["name"], c["fname"], "{}'s {}".format(c["name"], elder)])
-    fear, _, event = s.pick(FEARS)
-    c["fear"], c["fear_event"] = fear, event
+    fear, event = s.pick(FEARS)
+    c["fear"], c["fear_event"] = fear, event.format(**c)
     skill, fail, win = s.pick(SKILLS)
     c["skill"], c["skill_fail"], c["skill_win"] = skill, fail, win
     c["contest"] = s.pick(CONTESTS)
@@ -953,7 +975,7 @@ def make_story(r: random.Random) -> str:
     moral_key = problem(s)
     s.new_paragraph()
     if r.random() < 0.5:
-        s.say(*ENDINGS)
+        s.say(*[e for e in ENDINGS if s.friend_seen or "fname" not in e])
     s.say(*MORALS[moral_key])
     return s.text()
 
@@ -979,20 +1001,20 @@ def generate_stories(out_path: str | os.PathLike, size_mb: float = 5.0, seed: in
     r = random.Random(seed)
     t0 = time.perf_counter()
     n_bytes = n_chars = n_stories = n_words = 0
-    words: Counter[str] = Counter()
+    words: set[str] = set()
     last_report = t0
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # same dir: atomic rename
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
             while n_bytes < target:
                 block = make_story(r) + "\n" + EOT + "\n"
                 f.write(block)
                 n_bytes += len(block.encode("utf-8"))
                 n_chars += len(block)
                 n_stories += 1
-                ws = _WORD.findall(block[: -len(EOT) - 2])
+                ws = _WORD.findall(block[: -len(EOT) - 2].lower())
                 n_words += len(ws)
-                words.update(w.lower() for w in ws)
+                words.update(ws)
                 now = time.perf_counter()
                 if progress and now - last_report > 1.0:
                     last_report = now

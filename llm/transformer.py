@@ -17,7 +17,7 @@ from llm.kv_cache import KVCache
 from llm.ops.attention import causal_attention, scaled_dot_product_attention
 from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llm.ops.embedding import embedding
-from llm.ops.linear import linear
+from llm.ops.linear import linear, linears
 from llm.ops.rmsnorm import rms_norm
 from llm.ops.rope import rope
 from llm.ops.softmax import softmax
@@ -124,7 +124,9 @@ class FFN(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        # w1 and w3 read the same x: one Function, whose backward accumulates dx in one buffer
+        a, b = linears(x, self.w1.weight, self.w3.weight)
+        return self.w2(swiglu(a, b))
 
 
 class RoPE(nn.Module):
@@ -205,7 +207,7 @@ class MultiHeadAttention(nn.Module):
                 if impl == "flash":
                     raise
             else:
-                return flash_attention(q, k, v, True)
+                return flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), True)
         return causal_attention(q, k, v)
 
     def forward(
@@ -218,9 +220,11 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(b, s, h, dh).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, hkv, dh).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, hkv, dh).transpose(1, 2)
+        # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer
+        q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        q = q.view(b, s, h, dh).transpose(1, 2)
+        k = k.view(b, s, hkv, dh).transpose(1, 2)
+        v = v.view(b, s, hkv, dh).transpose(1, 2)
         if self.rope is not None:
             if token_positions is None and kv_cache is not None:
                 token_positions = torch.arange(kv_cache.length, kv_cache.length + s, device=x.device)

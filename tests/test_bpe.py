@@ -123,6 +123,10 @@ def test_train_errors(tmp_path) -> None:
     bad.write_bytes("héllo wörld ".encode() * 10 + b"\xff tail")
     with pytest.raises(ValueError, match=r"byte offset 140"):
         train_bpe(bad, 300, [EOT])
+    with pytest.raises(ValueError, match="list of strings"):
+        train_bpe(p, 300, EOT)
+    with pytest.raises(ValueError, match="empty string"):
+        BpeTokenizer({i: bytes([i]) for i in range(256)}, [], [""])
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     vocab, merges = train_bpe(empty, 1000, [EOT])
@@ -192,6 +196,13 @@ def test_save_load_roundtrip_and_encode_file(trained, tmp_path) -> None:
     assert tok.vocab == trained.vocab and tok.merges == trained.merges
     assert tok.special_tokens == [EOT] and tok.token_id(EOT) == 256
     assert tok.vocab_size == trained.vocab_size == 557
+    # the files open in HF tokenizers (GPT-2 format) and encode the same
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    sample = make_text(500, seed=6, docs=1).replace(EOT, "")
+    assert hf.encode(sample).ids == tok.encode(sample)
     text = make_text(30000, seed=5, docs=20)
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
@@ -200,6 +211,15 @@ def test_save_load_roundtrip_and_encode_file(trained, tmp_path) -> None:
         arr = np.load(tmp_path / f"out{w}.npy", mmap_mode="r")
         assert arr.dtype == np.uint16 and n == len(arr)
         assert arr.tolist() == trained.encode(text)
+
+
+def test_pickle_roundtrip(trained) -> None:
+    import pickle
+
+    trained.encode("warm the caches " * 3)
+    clone = pickle.loads(pickle.dumps(trained))
+    s = make_text(300, seed=11)
+    assert clone.encode(s) == trained.encode(s) and clone.token_id(EOT) == trained.token_id(EOT)
 
 
 def test_encode_file_uint32_for_large_vocab(tmp_path) -> None:
@@ -229,3 +249,196 @@ def test_cli_train_encode_and_errors(corpus, tmp_path, capsys) -> None:
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["encode", "--tokenizer", str(tmp_path / "missing"), "--input", str(corpus),
                  "--output", str(npy)]) == 2
+
+
+def tiktoken_for(tok: BpeTokenizer):
+    """tiktoken Encoding with the same vocabulary: an independent encoder to compare against."""
+    import tiktoken
+
+    specials = {s: tok.token_id(s) for s in tok.special_tokens}
+    ranks = {b: i for i, b in tok.vocab.items() if i not in specials.values()}
+    return tiktoken.Encoding(name="trained", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def test_whitespace_set_is_regex_backslash_s() -> None:
+    from llm.bpe.pretokenize import WHITESPACE
+
+    ws = {c for c in map(chr, range(0x3001)) if regex.match(r"\s", c)}
+    assert ws == WHITESPACE  # no White_Space character lies above U+3000
+
+
+def test_encode_fast_path_matches_tiktoken_on_whitespace_soup(trained, ref_snapshot) -> None:
+    """The split-on-space fast path (and its caches) against tiktoken over many messy strings,
+    encoded one after another by the same tokenizer so cached pieces meet new contexts."""
+    tik = tiktoken_for(trained)
+    alphabet = [" ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\x0b", "\x0c", "\u00a0", "\u3000", "\u2028",
+                "a", "the", "The", "and", "'s", "'ll", "'", "7", "42", ",", ".", "!?", "ü", "日本", "🙂", EOT]
+    rng = random.Random(99)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(1500)]
+    texts += [" " * k + "x" + " " * k for k in range(6)] + ["\n \n", " \n", "\n ", "a  b", "a \u00a0b"]
+    ref = [tik.encode(s, allowed_special="all") for s in texts]
+    lengths = np.array([len(r) for r in ref])
+    stored = ref_snapshot({"lengths": lengths, "ids": np.concatenate([np.array(r, dtype=np.int64) for r in ref])})
+    ids = [trained.encode(s) for s in texts]
+    assert np.array_equal(np.array([len(r) for r in ids]), stored["lengths"].numpy())
+    assert np.concatenate([np.array(r, dtype=np.int64) for r in ids]).tolist() == stored["ids"].tolist()
+    # the same strings glued into one text (bulk cache fill) and streamed piecewise
+    whole = "".join(texts)
+    assert trained.encode(whole) == tik.encode(whole, allowed_special="all")
+    assert trained.encode(whole * 3) == tik.encode(whole * 3, allowed_special="all")  # > one block
+    assert list(trained.encode_iterable(texts)) == trained.encode(whole)
+
+
+def test_train_agrees_with_hf_tokenizers_until_first_tie() -> None:
+    """HF `tokenizers` breaks count ties differently, so compare merges up to the first step at which
+    the naive trainer sees a tie for the top count."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    rng = random.Random(5)
+    letters, weights = "etaoinshrdlu", [30, 25, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3]
+    text = "".join(" " + "".join(rng.choices(letters, weights, k=rng.randint(1, 6))) for _ in range(8000))
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256 + 60, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([text], trainer)
+    import json
+
+    from llm.bpe.gpt2_bytes import str_to_token
+
+    raw = json.loads(hf.to_str())["model"]["merges"]
+    hf_merges = [tuple(map(str_to_token, m.split(" ") if isinstance(m, str) else m)) for m in raw]
+
+    # first tie according to a naive recount
+    words: Counter[tuple[bytes, ...]] = Counter(tuple(bytes([b]) for b in m.encode()) for m in
+                                                regex.findall(GPT2_PATTERN, text))
+    untied = 0
+    while untied < len(hf_merges):
+        pairs: Counter[tuple[bytes, bytes]] = Counter()
+        for w, c in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += c
+        top = pairs.most_common(2)
+        if len(top) < 2 or top[0][1] == top[1][1]:
+            break
+        best = top[0][0]
+        words = Counter({tuple(_merge(w, best)): c for w, c in words.items()})
+        untied += 1
+    assert untied >= 10, f"fixture should give a long tie-free prefix, got {untied}"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "t.txt"
+        p.write_text(text, encoding="utf-8")
+        _, merges = train_bpe(p, 256 + 60, [], num_workers=1)
+    assert merges[:untied] == hf_merges[:untied]
+
+
+def _merge(w: tuple[bytes, ...], pair: tuple[bytes, bytes]) -> list[bytes]:
+    out, i = [], 0
+    while i < len(w):
+        if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
+            out.append(w[i] + w[i + 1])
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return out
+
+
+def test_encode_iterable_is_lazy_with_bounded_buffer(trained) -> None:
+    """An endless stream: ids must flow after a bounded amount of input (no whole-text buffering)."""
+    from itertools import islice
+
+    from llm.bpe.tokenizer import _STREAM_MIN
+
+    consumed = 0
+    rng = random.Random(0)
+    lines = [make_text(30, seed=s, docs=1).replace("\n", " ") + "\n" for s in range(20)]
+
+    def endless():
+        nonlocal consumed
+        while True:
+            line = rng.choice(lines)
+            consumed += len(line)
+            yield line
+
+    first = list(islice(trained.encode_iterable(endless()), 5000))
+    assert len(first) == 5000
+    assert consumed < 4 * _STREAM_MIN + 20000  # ~5000 ids need ~20K chars; the buffer adds <= ~2x64K
+
+
+def test_long_pretokens_match_tiktoken(trained) -> None:
+    """Pre-tokens longer than the short-word path (heap BPE) and longer than the cache limit."""
+    tik = tiktoken_for(trained)
+    rng = random.Random(3)
+    texts = ["the" * 700, "ab" * 1500 + " " + "x" * 999, "".join(rng.choice("thenads") for _ in range(5000)),
+             " " + "".join(rng.choice("日本語中文") for _ in range(300)), "1234567890" * 50]
+    for s in texts:
+        assert trained.encode(s) == tik.encode_ordinary(s)
+
+
+def test_small_read_blocks_and_many_chunks_change_nothing(tmp_path, monkeypatch, trained) -> None:
+    """Workers read their range in blocks cut at safe places; tiny blocks must give the same text,
+    the same training result and the same encoded file."""
+    import llm.bpe.chunks as chunks
+    from llm.bpe.chunks import chunk_boundaries, iter_range_text
+
+    text = make_text(6000, seed=8, docs=7)
+    p = tmp_path / "c.txt"
+    p.write_text(text, encoding="utf-8")
+    expected = train_bpe(p, 256 + 1 + 80, [EOT], num_workers=1)
+    ids = trained.encode(text)
+    monkeypatch.setattr(chunks, "BLOCK", 997)
+    bounds = chunk_boundaries(p, 5, [EOT])
+    assert len(bounds) == 6
+    pieces = [t for a, b in zip(bounds, bounds[1:]) for t in iter_range_text(p, a, b, [EOT])]
+    assert len(pieces) > 20 and "".join(pieces) == text
+    assert train_bpe(p, 256 + 1 + 80, [EOT], num_workers=3) == expected
+    trained.encode_file(p, tmp_path / "o.npy", num_workers=2, progress=False)
+    assert np.load(tmp_path / "o.npy").tolist() == ids
+
+
+def test_errors_from_workers_and_encode_file(tmp_path, trained) -> None:
+    bad = tmp_path / "bad.txt"
+    good = ("word " * 50_000).encode()
+    bad.write_bytes(good + b"\xc3\x28 tail" + good)
+    with pytest.raises(ValueError, match=f"byte offset {len(good)}"):
+        train_bpe(bad, 300, [EOT], num_workers=2)
+    with pytest.raises(ValueError, match=f"byte offset {len(good)}"):
+        trained.encode_file(bad, tmp_path / "o.npy", num_workers=2, progress=False)
+    assert not (tmp_path / "o.npy").exists() and list(tmp_path.iterdir()) == [bad]
+    with pytest.raises(ValueError, match="not found"):
+        trained.encode_file(tmp_path / "missing.txt", tmp_path / "o.npy")
+
+
+def test_specials_with_spaces_encode_and_stream(trained) -> None:
+    specials = [EOT, "<|a b|>", "hello world"]
+    tok = BpeTokenizer(trained.vocab, trained.merges, specials)
+    assert tok.token_id("<|a b|>") != tok.token_id("hello world") and tok.token_id(EOT) == 256
+    tik = tiktoken_for(tok)
+    rng = random.Random(12)
+    parts = ["hello", " world", "hello world", "<|a b|>", "<|a", " b|>", EOT, " the", "  ", "\n", "x"]
+    for _ in range(200):
+        s = "".join(rng.choice(parts) for _ in range(rng.randint(0, 40)))
+        ids = tok.encode(s)
+        assert ids == tik.encode(s, allowed_special="all"), repr(s)
+        assert tok.decode(ids) == s
+        cut = sorted(rng.randint(0, len(s)) for _ in range(4))
+        pieces = [s[i:j] for i, j in zip([0, *cut], [*cut, len(s)])]
+        assert list(tok.encode_iterable(pieces)) == ids
+    long = "".join(rng.choice(parts) for _ in range(30000))  # several streaming buffers
+    assert list(tok.encode_iterable(long[i : i + 777] for i in range(0, len(long), 777))) == tok.encode(long)
+
+
+def test_word_and_punctuation_specials_in_bulk_fill_match_tiktoken(trained) -> None:
+    """Specials that look like an ASCII word or punctuation ("hello", "...") inside many new
+    pieces at once (the bulk cache fill and its word / word+punctuation shortcuts) stay special."""
+    rng = random.Random(5)
+    words = ["alpha", "beta", "data.", "hello", "hello,", "say", "x", "a.", "...", EOT, "foo...", "z" + EOT, "a.b"]
+    for special in ["hello", "...", "a."]:
+        tok = BpeTokenizer(trained.vocab, trained.merges, [EOT, special])
+        tik = tiktoken_for(tok)
+        for _ in range(20):
+            s = " ".join(rng.choice(words) + rng.choice(["", "q", ".", ";'"]) for _ in range(60))
+            assert tok.encode(s) == tik.encode(s, allowed_special="all"), (special, s)

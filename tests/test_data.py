@@ -176,3 +176,15 @@ def test_token_counts_and_entropy():
     assert counts.tolist() == [1, 2, 4, 0, 0, 0, 0, 1]
     p = np.array([1, 2, 4, 1]) / 8
     assert unigram_entropy(counts) == pytest.approx(float(-(p * np.log(p)).sum()))
+
+
+def test_read_range_matches_slicing(tmp_path):
+    p = tmp_path / "t.npy"
+    a = _dataset(10_000)
+    np.save(p, a)
+    mm = open_tokens(p)
+    for s, e in [(0, 10), (123, 4567), (9_990, 20_000), (5, 5)]:
+        assert np.array_equal(data.read_range(mm, s, e), a[s:e])
+        view = mm[100:]  # a view of the memmap: falls back to slicing, still correct
+        assert np.array_equal(data.read_range(view, s, e), a[100:][s:e])
+        assert np.array_equal(data.read_range(a, s, e), a[s:e])

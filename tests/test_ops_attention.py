@@ -29,7 +29,8 @@ def test_gradcheck_general_with_mask() -> None:
 
 
 def test_gradcheck_causal_chunked(monkeypatch) -> None:
-    monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 2 * 5 * 5)  # several chunks, ragged last one
+    monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 2 * 2 * 5)  # several (b·h) chunks, ragged last one
+    monkeypatch.setattr(attention_mod, "QUERY_BLOCK", 2)  # query blocks (0,2), (2,4), (4,5)
     q, k, v = (torch.randn(1, 5, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(causal_attention, (q, k, v))
 
@@ -55,7 +56,8 @@ def test_matches_f_sdpa(ref_snapshot, monkeypatch) -> None:
         {**dict(zip(names, ref)), **{f"causal_{n}": t for n, t in zip(names, ref_c)}}, rtol=1e-5, atol=1e-5
     )
     ours = _grads(lambda q, k, v: ScaledDotProductAttention()(q, k, v, mask), q, k, v, do)
-    monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 4 * 9 * 9)  # 6 heads·batch in chunks of 4
+    monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 4 * 4 * 9)  # 6 heads·batch in chunks of 4
+    monkeypatch.setattr(attention_mod, "QUERY_BLOCK", 4)  # 9 queries in blocks of 4, 4, 1
     ours_c = _grads(causal_attention, qc, kc, vc, doc)
     for n, a, b in zip(names, ours, ours_c):
         torch.testing.assert_close(a, stored[n], rtol=1e-5, atol=1e-5)
@@ -98,3 +100,14 @@ def test_errors() -> None:
         MultiHeadAttention(16, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="bool"):
         scaled_dot_product_attention(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 2))
+
+
+def test_low_precision_inputs_use_fp32_softmax() -> None:
+    """bf16 queries against an fp32 KV cache (decoding under autocast): computed in fp32, returned in bf16."""
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    out = scaled_dot_product_attention(q.bfloat16(), k, v)
+    assert out.dtype == torch.bfloat16
+    ref = F.scaled_dot_product_attention(q.bfloat16().float(), k, v)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    oc = causal_attention(*(t.bfloat16() for t in (q, q, q)))
+    assert oc.dtype == torch.bfloat16

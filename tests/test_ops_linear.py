@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.ops.linear import linear
+from llm.ops.linear import linear, linears
 from llm.transformer import Linear
 
 
@@ -21,6 +21,8 @@ def test_gradcheck() -> None:
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(linear, (x, w))
+    w2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, w2: linears(x, w, w2), (x, w, w2))
 
 
 def test_matches_f_linear(ref_snapshot) -> None:
@@ -34,6 +36,22 @@ def test_matches_f_linear(ref_snapshot) -> None:
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     for name, ours in (("y", y), ("dx", dx), ("dw", dw)):
         torch.testing.assert_close(ours, stored[name], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_input_linears_match_f_linear(ref_snapshot) -> None:
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    ws = [torch.randn(n, 16, requires_grad=True) for n in (8, 4, 4)]
+    dys = [torch.randn(2, 7, n) for n in (8, 4, 4)]
+    ys_ref = [F.linear(x, w) for w in ws]
+    grads_ref = torch.autograd.grad(ys_ref, (x, *ws), dys)
+    ref = {f"y{i}": y for i, y in enumerate(ys_ref)} | {f"d{i}": g for i, g in enumerate(grads_ref)}
+    stored = ref_snapshot(ref, rtol=1e-5, atol=1e-5)
+    ys = linears(x, *ws)
+    grads = torch.autograd.grad(ys, (x, *ws), dys)
+    for i, y in enumerate(ys):
+        torch.testing.assert_close(y, stored[f"y{i}"], rtol=1e-5, atol=1e-5)
+    for i, g in enumerate(grads):  # d0 = dx (summed over the three branches), then dW_i
+        torch.testing.assert_close(g, stored[f"d{i}"], rtol=1e-5, atol=1e-5)
 
 
 def test_module_init() -> None:

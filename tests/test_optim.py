@@ -7,12 +7,15 @@ here in numpy. Snapshots store only those references; our outputs are compared a
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import llm.optim
 from llm.optim import AdamW, SGDDecay, cos_lr_scheduler, gradient_clip
 
 SHAPES = [(16, 8), (8,), (4, 3, 5)]
@@ -38,6 +41,7 @@ def _adamw_trajectory(make_opt, steps: int = STEPS) -> dict[str, torch.Tensor]:
         for p, t in zip(params, targets):
             n = 0.1 * torch.randn(p.shape, generator=g)
             p.grad = 2 * (p.detach() - t) * (1 + n) + 3 * p.detach() ** 2 / p.numel()
+        params[0].grad = params[0].grad.t().contiguous().t()  # same values, non-contiguous layout
         for group in opt.param_groups:  # what the scheduler does between steps
             group["lr"] = 1e-2 * (0.5 + 0.5 * math.cos(step / 50))
         opt.step()
@@ -46,15 +50,41 @@ def _adamw_trajectory(make_opt, steps: int = STEPS) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_adamw_matches_torch_trajectory(ref_snapshot, foreach: bool) -> None:
-    ref = _adamw_trajectory(lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=False))
-    stored = ref_snapshot(ref, rtol=1e-6, atol=1e-7)
+@functools.cache
+def _torch_adamw_reference() -> dict[str, torch.Tensor]:
+    """The live reference, computed once per session and shared by the parametrized tests."""
+    return _adamw_trajectory(lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=False))
+
+
+@pytest.mark.parametrize("path", ["foreach", "per_tensor", "per_tensor_small_chunks"])
+def test_adamw_matches_torch_trajectory(ref_snapshot, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    stored = ref_snapshot(_torch_adamw_reference(), rtol=1e-6, atol=1e-7)
+    if path == "per_tensor_small_chunks":  # chunk boundaries inside every tensor, and a ragged last chunk
+        monkeypatch.setattr(llm.optim, "CPU_CHUNK", 7)
+    foreach = path == "foreach"
     ours = _adamw_trajectory(lambda groups: AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=foreach))
     for k, v in stored.items():
         torch.testing.assert_close(ours[k], v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
     # Not a trivial pass: the parameters moved far from where they started.
     assert not torch.allclose(stored["p0_step1000"], _init_params()[0].detach(), atol=0.1)
+
+
+def test_optimizer_base_methods_work_without_dynamo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our optimizers bypass the base class's lazy `import torch._dynamo` when dynamo is not loaded."""
+    monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    params = _init_params()
+    opt = AdamW([{"params": params[:1]}], lr=1e-2)
+    opt.add_param_group({"params": params[1:], "lr": 1e-3})
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    sd = copy.deepcopy(opt.state_dict())
+    fresh = AdamW([{"params": params[:1]}, {"params": params[1:]}])
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[1]["lr"] == 1e-3 and fresh.state[params[2]]["step"].item() == 1
+    assert "torch._dynamo" not in sys.modules
 
 
 def _one_step_state(opt_cls, **kw) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:

@@ -12,7 +12,7 @@ from llm.stories import ANIMALS, BOYS, EOT, GIRLS, PROBLEMS, generate_stories, m
 FEMALE = set(GIRLS) | {n for _, n, p in ANIMALS if p == "she"}
 MALE = set(BOYS) | {n for _, n, p in ANIMALS if p == "he"}
 _NAME_RE = re.compile(r"\b(" + "|".join(sorted(FEMALE | MALE)) + r")\b")
-ELDER_GENDER = {"mom": "f", "grandma": "f", "big sister": "f", "dad": "m", "grandpa": "m", "big brother": "m"}
+ELDER_GENDER = {"mom": "f", "grandma": "f", "big sister": "f", "aunt": "f", "dad": "m", "grandpa": "m", "big brother": "m", "uncle": "m"}
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,10 @@ def chunk_boundaries(path: str | os.PathLike, n: int, specials: Sequence[str]) -
 
 
 def iter_range_text(
-    path: str | os.PathLike, start: int, end: int, specials: Sequence[str], block: int = BLOCK
+    path: str | os.PathLike, start: int, end: int, specials: Sequence[str], block: int | None = None
 ) -> Iterator[str]:
     """Decoded pieces of bytes [start, end) of a file, each cut at a safe place."""
+    block = block or BLOCK
     sb = [s.encode("utf-8") for s in specials]
     with open(path, "rb") as f:
         f.seek(start)

@@ -41,7 +41,7 @@ def _encode_range(args: tuple[str, int, int]) -> np.ndarray:
     path, start, end = args
     tok = _worker_tok
     dtype = token_dtype(tok.vocab_size)
-    parts = [np.array(tok.encode(text), dtype=dtype) for text in iter_range_text(path, start, end, tok.special_tokens)]
+    parts = [tok.encode_to_array(text, dtype) for text in iter_range_text(path, start, end, tok.special_tokens)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 

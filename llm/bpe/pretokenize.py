@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-
-import regex
+from functools import cache
 
 # GPT-2's pattern (OpenAI encoder.py), needs `regex` for \p{L} / \p{N}.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_RE = regex.compile(GPT2_PATTERN)
+
+
+@cache
+def gpt2_re():
+    """Compiled lazily: importing `regex` costs ~11 MB of Unicode tables that ASCII text never needs."""
+    import regex
+
+    return regex.compile(GPT2_PATTERN)
+
 
 # The same pattern restricted to ASCII text, for the stdlib `re` engine (about 2x faster than `regex`).
 # `regex`'s \s on ASCII is exactly [\t\n\v\f\r ] (stdlib `re` would also include \x1c-\x1f).
@@ -28,7 +35,7 @@ ASCII_RE = re.compile(ASCII_PATTERN)
 
 def pretokenize(text: str) -> list[str]:
     """GPT-2 pre-tokens of a text that contains no special tokens."""
-    return (ASCII_RE if text.isascii() else GPT2_RE).findall(text)
+    return (ASCII_RE if text.isascii() else gpt2_re()).findall(text)
 
 
 def special_splitter(special_tokens: Sequence[str]) -> re.Pattern[str] | None:
@@ -39,6 +46,12 @@ def special_splitter(special_tokens: Sequence[str]) -> re.Pattern[str] | None:
     alts = sorted(set(special_tokens), key=lambda s: (-len(s), s))
     return re.compile("(" + "|".join(map(re.escape, alts)) + ")")
 
+
+# Exactly the characters `regex` matches with \s (Unicode White_Space); tests check it.
+WHITESPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+    "\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 
 _CUT_BYTES = re.compile(rb"[\x21-\x7e](?=[ \n])")
 _CUT_STR = re.compile(r"[\x21-\x7e](?=[ \n])")
@@ -68,7 +81,7 @@ def rfind_cut(buf: bytes | str, specials: Sequence[bytes | str], final: bool = F
     """Last safe cut in buf (searching backwards in growing windows), or -1."""
     limit = len(buf) if final else len(buf) - max((len(s) for s in specials), default=1)
     pat = _CUT_BYTES if isinstance(buf, bytes) else _CUT_STR
-    window = 4096
+    window = 256
     while True:
         start = max(0, limit - window)
         last = -1

@@ -1,35 +1,53 @@
 """`BpeTokenizer`: encode / decode / stream with a trained (or GPT-2) byte-level BPE.
 
 Encoding = split on special tokens (longest first) -> GPT-2 pre-tokens -> per pre-token, apply the
-merges by rank (lowest rank first, all occurrences), which is the canonical BPE result. Text repeats
-its words, so pre-token -> ids is cached: most pre-tokens cost one dict lookup.
+merges by rank (lowest rank first), which is the canonical BPE result.
+
+Speed: text repeats its words, so results are cached, and the hot path avoids the regex entirely:
+`text.split(" ")` gives pieces, and a piece that ends in a non-space character is preceded and
+followed by *safe cuts* (see pretokenize.py), so " " + piece always pre-tokenises, hence encodes,
+the same way. A dict maps such pieces to their ids; only unknown pieces, and runs of pieces glued
+by whitespace (empty pieces from double spaces, pieces ending in a newline), go through the regex.
+Ids are carried as one character per id (chr(id)), so joining and converting are single C calls.
 """
 
 from __future__ import annotations
 
+import heapq
+from contextlib import suppress
 import json
+from array import array
 import os
+import string
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from itertools import compress, repeat
+from operator import not_
 from pathlib import Path
 
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
-from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
+from llm.bpe.pretokenize import WHITESPACE, pretokenize, rfind_cut, special_splitter
 
 CONFIG_NAME = "tokenizer_config.json"
-_CACHE_LIMIT = 1 << 18  # pre-tokens kept; cleared when full so memory stays bounded on huge inputs
+_CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
+_NO_RANK = 1 << 62
+_LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
+_MAX_PIECE = 64
+_PUNCT = string.punctuation  # ASCII chars outside \s, \p{L}, \p{N}
+_BLOCK = 1 << 15  # chars per fast-path call  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
 
 
 class _BpeCache(dict):
-    """pre-token str -> list of ids; a miss runs BPE (dict.__missing__ keeps hits in C)."""
+    """pre-token -> its ids as a str of chr(id); a miss runs BPE (__missing__ keeps hits in C)."""
 
-    def __init__(self, bpe) -> None:
-        super().__init__()
+    def __init__(self, bpe, seed: dict[str, str]) -> None:
+        super().__init__(seed)
         self._bpe = bpe
 
-    def __missing__(self, word: str) -> list[int]:
-        ids = self[word] = self._bpe(word)
+    def __missing__(self, word: str) -> str:
+        ids = "".join(map(chr, self._bpe(word)))
+        if len(word) <= _MAX_PIECE:  # long pre-tokens are rare; caching them could cost MBs each
+            self[word] = ids
         return ids
 
 
@@ -66,19 +84,26 @@ class BpeTokenizer:
             return ids_of[b][0] if lowest else ids_of[b][-1]
 
         self._byte_ids: list[int] = [single(bytes([x]), True) for x in range(256)]
+        self._bytes_are_ids = self._byte_ids == list(range(256))
         regular = set(self._byte_ids)
-        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._rank_of: dict[tuple[int, int], int] = {}  # (id_a, id_b) -> merge rank
+        self._merged_id: list[int] = []  # merge rank -> id of the merged token
         for r, (a, b) in enumerate(self.merges):
             ia, ib, ic = single(a, False), single(b, False), single(a + b, False)
             if len(a) == 1:
                 ia = self._byte_ids[a[0]]
             if len(b) == 1:
                 ib = self._byte_ids[b[0]]
-            self._ranks.setdefault((ia, ib), (r, ic))  # first (lowest) rank wins on duplicates
+            self._rank_of.setdefault((ia, ib), r)  # first (lowest) rank wins on duplicates
+            self._merged_id.append(ic)
             regular.add(ic)
 
         # Special tokens take an id with their bytes that plain BPE does not use, else a new id.
+        if isinstance(special_tokens, str):
+            raise ValueError("special_tokens must be a list of strings, not one string")
         self.special_tokens: list[str] = list(dict.fromkeys(special_tokens or ()))
+        if "" in self.special_tokens:
+            raise ValueError("a special token cannot be the empty string")
         self._special_ids: dict[str, int] = {}
         for s in self.special_tokens:
             sb = s.encode("utf-8")
@@ -92,7 +117,11 @@ class BpeTokenizer:
                 self.vocab[sid] = sb
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
-        self._max_special = max((len(s) for s in self.special_tokens), default=1)
+        self._space_in_specials = any(" " in t for t in self.special_tokens)
+        # joins pieces so that one search finds those holding a special (see _fill_pieces)
+        self._special_free_char = next(
+            c for c in map(chr, range(0x110000)) if not any(c in t for t in self.special_tokens)
+        )
 
         size = max(self.vocab, default=-1) + 1
         self._decode_table: list[bytes | None] = [None] * size
@@ -100,7 +129,21 @@ class BpeTokenizer:
             if i < 0:
                 raise ValueError(f"negative token id {i}")
             self._decode_table[i] = t
-        self._cache = _BpeCache(self._bpe)
+        # A pre-token that is itself a token encodes to that token (tiktoken's shortcut; for a
+        # trained vocabulary also what the merges give, as each token was built from its own bytes),
+        # so both caches start with the vocabulary instead of running BPE on its most common words.
+        whole: dict[str, str] = {}
+        for i in sorted(set(self._merged_id)) + self._byte_ids[:128]:
+            with suppress(UnicodeDecodeError):
+                whole.setdefault(self.vocab[i].decode("utf-8"), chr(i))
+        self._whole = whole
+        # " " + an ASCII word is one pre-token, so a piece "word" whose " word" is a token is known too
+        self._whole_pieces = {
+            t[1:]: c for t, c in whole.items() if t[:1] == " " and t[1:].isascii() and t[1:].isalpha()
+            and not (self._split and self._split.search(t[1:]))  # an ASCII-word special stays special
+        }
+        self._cache = _BpeCache(self._bpe, whole)  # pre-token -> id chars
+        self._pieces: dict[str, str] = dict(self._whole_pieces)  # space-split piece -> id chars of " " + piece
 
     # ------------------------------------------------------------------ properties
     @property
@@ -119,50 +162,229 @@ class BpeTokenizer:
 
     # ------------------------------------------------------------------ BPE core
     def _bpe(self, word: str) -> list[int]:
-        """Apply merges by rank to one pre-token (cache miss path)."""
-        ids = [self._byte_ids[b] for b in word.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = None
-            best_rank = 1 << 62
-            for p in zip(ids, ids[1:]):
-                r = ranks.get(p)
-                if r is not None and r[0] < best_rank:
-                    best, best_rank = p, r[0]
-            if best is None:
+        """Apply merges by rank to one pre-token (cache-miss path).
+
+        Repeatedly merge the adjacent pair of lowest rank (leftmost on ties), like tiktoken. After
+        a merge only the two neighbouring pair ranks change, so `rs` is patched, not recomputed;
+        min/index run in C.
+        """
+        data = word.encode("utf-8")
+        # our layout has id == byte value, GPT-2's does not
+        ids = list(data) if self._bytes_are_ids else list(map(self._byte_ids.__getitem__, data))
+        if len(ids) < 2:
+            return ids
+        if len(ids) > _LONG_WORD:
+            return self._bpe_long(ids)
+        get, new_id = self._rank_of.get, self._merged_id
+        rs = list(map(get, zip(ids, ids[1:]), repeat(_NO_RANK)))
+        while True:
+            r = min(rs)
+            if r == _NO_RANK:
                 break
-            a, b = best
-            t = ranks[best][1]
-            out: list[int] = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(t)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            i = rs.index(r)
+            t = new_id[r]
+            ids[i : i + 2] = (t,)
+            del rs[i]
+            if not rs:
+                break
+            if i:
+                rs[i - 1] = get((ids[i - 1], t), _NO_RANK)
+            if i < len(rs):
+                rs[i] = get((t, ids[i + 1]), _NO_RANK)
         return ids
 
-    def _encode_ordinary(self, text: str, out: list[int]) -> None:
-        cache = self._cache
-        if len(cache) > _CACHE_LIMIT:
-            cache.clear()
-        out.extend(chain.from_iterable(map(cache.__getitem__, pretokenize(text))))
+    def _bpe_long(self, ids: list[int]) -> list[int]:
+        """Same result as _bpe in O(n log n) for long pre-tokens (a base64 blob, an unspaced
+        script): a heap of (rank, position) over a linked list; stale entries are skipped."""
+        get, new_id = self._rank_of.get, self._merged_id
+        n = len(ids)
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = [(r, i) for i, p in enumerate(zip(ids, ids[1:])) if (r := get(p)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j >= n or get((ids[i], ids[j])) != r:
+                continue  # stale: position merged away or its pair changed
+            ids[i] = new_id[r]
+            alive[j] = False
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                if (rr := get((ids[i], ids[k]))) is not None:
+                    heapq.heappush(heap, (rr, i))
+            if (h := prv[i]) >= 0 and (rr := get((ids[h], ids[i]))) is not None:
+                heapq.heappush(heap, (rr, h))
+        return [t for t, a in zip(ids, alive) if a]
+
+    def _encode_unit(self, text: str) -> str:
+        """Id chars of a text that starts and ends at safe cuts (the regex path, specials kept)."""
+        get = self._cache.__getitem__
+        if self._split is None:
+            return "".join(map(get, pretokenize(text)))
+        out = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(chr(self._special_ids[part]))
+            elif part:
+                out.append("".join(map(get, pretokenize(part))))
+        return "".join(out)
+
+    def _fill_pieces(self, new: set[str]) -> None:
+        """Cache the ids of " " + piece for many new pieces (cold path, all in bulk).
+
+        Pieces holding a special token are encoded one by one (special-aware). Of the others, an
+        ASCII word is one pre-token with its space, and an ASCII word followed by punctuation
+        ("earth.", "LORD;'") is two: " word" and the punctuation run (no pattern joins letters to
+        punctuation, and `'s`-style contractions need a letter after the quote). The rest are
+        joined by a whitespace separator absent from all of them and pre-tokenised in one regex
+        pass: between a unit that ends in a non-space and one that starts with " " + non-space,
+        GPT-2's regex makes the separator a pre-token of its own, so the ids split back into units
+        at its id.
+        """
+        ws = WHITESPACE
+        todo = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
+        if not todo:
+            return
+        pieces, unit = self._pieces, self._encode_unit
+        if self._split is not None:  # pieces holding a special token (rare): found in one search
+            sep = self._special_free_char  # so no match straddles two pieces
+            joined = sep.join(todo)
+            hit, k, at = set(), 0, 0
+            for m in self._split.finditer(joined):  # piece index = separators before the match
+                k += joined.count(sep, at, m.start())
+                at = m.start()
+                hit.add(k)
+            for k in sorted(hit, reverse=True):
+                pieces[todo[k]] = unit(" " + todo[k])
+                del todo[k]
+        words, other = [], []
+        get = self._cache.__getitem__
+        for p in todo:
+            if p.isascii():
+                if p.isalpha():
+                    words.append(p)
+                    continue
+                h = p.rstrip(_PUNCT)
+                if not h:  # all punctuation: one pre-token with its space
+                    pieces[p] = get(" " + p)
+                    continue
+                if h.isalpha():
+                    pieces[p] = get(" " + h) + get(p[len(h) :])
+                    continue
+            other.append(p)
+        if words:
+            pieces.update(zip(words, map(get, map(" ".__add__, words))))
+        if not other:
+            return
+        joined = " ".join(other)
+        sep = next((c for c in "\x0c\x0b\r\t\n" if c not in joined), None)
+        if sep is None:  # every separator occurs in the text: one unit at a time
+            pieces.update(zip(other, map(unit, map(" ".__add__, other))))
+            return
+        ids = unit(" " + (sep + " ").join(other))
+        parts = ids.split(self._cache[sep])
+        assert len(parts) == len(other)
+        pieces.update(zip(other, parts))
+
+    def _encode_ordinary(self, text: str) -> str:
+        """Id chars of a text without special tokens (the split-on-space fast path)."""
+        if len(self._cache) > _CACHE_LIMIT or len(self._pieces) > _CACHE_LIMIT:
+            self._cache.clear()
+            self._pieces.clear()
+            self._cache.update(self._whole)
+            self._pieces.update(self._whole_pieces)
+        pieces = text.split(" ")
+        cache = self._pieces
+        # "" marks work to do (no unit encodes to ""); comparing str to "" is far cheaper than to None
+        vals: list[str] = list(map(cache.get, pieces, repeat("")))
+        vals[0] = ""  # the first piece has no leading space
+        if vals.count("") > 1:  # new pieces: fill the cache in bulk, then look just those up again
+            todo = list(compress(range(len(pieces)), map(not_, vals)))  # C speed
+            at = pieces.__getitem__
+            self._fill_pieces(set(map(at, todo)))
+            for i, v in zip(todo, map(cache.get, map(at, todo), repeat(""))):
+                vals[i] = v
+            vals[0] = ""
+        else:
+            todo = (0,)
+        n = len(pieces)
+        ws = WHITESPACE
+        done = -1  # pieces up to here are glued into an earlier unit
+        for i in todo:
+            if i <= done or vals[i]:
+                continue
+            # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
+            j = i
+            while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
+                j += 1
+            if i == 0:  # no leading space: not cached (its key could equal a piece)
+                vals[0] = self._encode_unit(" ".join(pieces[: j + 1]))
+            elif i == j and (p := pieces[i]) and p[-1] not in ws:  # a new clean piece
+                vals[i] = ids = self._encode_unit(" " + p)
+                if len(p) <= _MAX_PIECE:
+                    cache[p] = ids
+            else:  # pieces glued by whitespace: cached under " " + text (pieces hold no space)
+                key = " " + " ".join(pieces[i : j + 1])
+                ids = cache.get(key)
+                if ids is None:
+                    ids = self._encode_unit(key)
+                    if len(key) <= _MAX_PIECE:
+                        cache[key] = ids
+                vals[i] = ids
+            if j > i:
+                vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
+            done = j
+        return "".join(vals)
+
+    def _encode_chars(self, text: str) -> str:
+        """Id chars of any text: special tokens (longest first) kept whole.
+
+        A special token without a space never straddles two space-split pieces, so the whole
+        text goes through the fast path at once (units holding a special are encoded special-
+        aware); only specials that contain a space force splitting on specials first.
+        """
+        if not text:
+            return ""
+        if not self._space_in_specials:
+            if len(text) <= _BLOCK:
+                return self._encode_ordinary(text)
+            # blocks of ~_BLOCK chars, cut before a space that follows a non-space (a safe cut,
+            # and one no special token can straddle): small working sets stay in the CPU cache
+            out, start, n, ws = [], 0, len(text), WHITESPACE
+            while start < n:
+                p = text.find(" ", start + _BLOCK)
+                while p > 0 and text[p - 1] in ws:
+                    p = text.find(" ", p + 1)
+                if p < 0:
+                    p = n
+                out.append(self._encode_ordinary(text[start:p]))
+                start = p
+            return "".join(out)
+        out = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                out.append(chr(self._special_ids[part]))
+            elif part:
+                out.append(self._encode_ordinary(part))
+        return "".join(out)
 
     # ------------------------------------------------------------------ public API
     def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        if self._split is None:
-            self._encode_ordinary(text, out)
-            return out
-        for i, part in enumerate(self._split.split(text)):
-            if i % 2:
-                out.append(self._special_ids[part])
-            elif part:
-                self._encode_ordinary(part, out)
-        return out
+        # one id per character: utf-32 turns the string into machine ints in one C call
+        return array("I", self._encode_chars(text).encode("utf-32-le", "surrogatepass")).tolist()
+
+    def encode_to_array(self, text: str, dtype=None):
+        """encode() straight into a NumPy array (uint16/uint32 by vocab size unless dtype given)."""
+        import numpy as np
+
+        from llm.bpe.encode_file import token_dtype
+
+        chars = self._encode_chars(text)
+        arr = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        return arr.astype(dtype or token_dtype(self.vocab_size))
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. a file's lines) exactly as encode("".join(...)).
@@ -277,6 +499,10 @@ class BpeTokenizer:
         if (d / CONFIG_NAME).is_file():
             special_ids = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))["special_tokens"]
         return cls.from_files(d / "vocab.json", d / "merges.txt", list(special_ids), special_ids)
+
+    def __reduce__(self):
+        # rebuild from the definition (caches are not worth shipping to worker processes)
+        return (type(self), (self.vocab, self.merges, self.special_tokens))
 
     def __repr__(self) -> str:
         return (f"BpeTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from operator import add
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
 from llm.bpe.pretokenize import pretokenize, special_splitter
@@ -99,6 +100,16 @@ def count_pretokens(
     return total
 
 
+def _char(i: int) -> str:
+    """Token id -> one character (skipping the surrogate block, which str cannot hold)."""
+    return chr(i if i < 0xD800 else i + 0x800)
+
+
+def _id(c: str) -> int:
+    i = ord(c)
+    return i if i < 0xD800 else i - 0x800
+
+
 def merge_pairs(
     word_counts: dict[bytes, int],
     num_merges: int,
@@ -108,24 +119,29 @@ def merge_pairs(
     """The exact BPE merge sequence as (id_a, id_b) pairs; merge k creates id first_id + k.
 
     word_counts maps a pre-token's UTF-8 bytes to its count; byte b starts as token id b.
+    Each word is a `str` with one character per token, so a pair is a 2-character string and
+    rewriting a word is `str.replace` (C speed, and exactly the left-to-right non-overlapping merge).
     """
+    if first_id + num_merges + 0x800 > 0x10FFFF:
+        raise ValueError(f"vocab_size {first_id + num_merges} is too large (at most {0x10FFFF - 0x800})")
     tok: dict[int, bytes] = {b: bytes([b]) for b in range(256)}
-    key: dict[int, str] = {b: _desc_key(t) for b, t in tok.items()}
-    words: list[list[int]] = []
+    key: dict[str, str] = {_char(b): _desc_key(t) for b, t in tok.items()}
+    words: list[str] = []
     counts: list[int] = []
-    pair_count: defaultdict[tuple[int, int], int] = defaultdict(int)
-    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    pair_count: defaultdict[str, int] = defaultdict(int)
+    where: defaultdict[str, list[int]] = defaultdict(list)  # may hold stale/duplicate entries
     for w, c in word_counts.items():
         if len(w) < 2:
             continue  # a single byte never takes part in a pair
         wi = len(words)
-        ids = list(w)
-        words.append(ids)
+        s = w.decode("latin-1")  # byte b -> character b == token id b
+        words.append(s)
         counts.append(c)
-        for p in zip(ids, ids[1:]):
-            pair_count[p] += c
-            where[p].add(wi)
-    heap = [(-c, key[p[0]] + key[p[1]], p) for p, c in pair_count.items()]
+        for q in set(map(add, s, s[1:])):
+            where[q].append(wi)
+        for q in map(add, s, s[1:]):
+            pair_count[q] += c
+    heap = [(-c, key[q[0]] + key[q[1]], q) for q, c in pair_count.items()]
     heapq.heapify(heap)
 
     merges: list[tuple[int, int]] = []
@@ -137,35 +153,47 @@ def merge_pairs(
             if c > 0:
                 heapq.heappush(heap, (-c, k, p))
             continue
-        a, b = p
+        ca, cb = p
         t = first_id + len(merges)
-        merges.append(p)
-        tok[t] = tok[a] + tok[b]
-        key[t] = _desc_key(tok[t])
-        new_pairs: set[tuple[int, int]] = set()
+        tc = _char(t)
+        merges.append((_id(ca), _id(cb)))
+        tok[t] = tok[_id(ca)] + tok[_id(cb)]
+        key[tc] = _desc_key(tok[t])
+        new_pairs: set[str] = set()
         for wi in where.pop(p):
             w = words[wi]
-            # rewrite the word, merging non-overlapping (a, b) left to right
-            nw: list[int] = []
-            i, n = 0, len(w)
-            while i < n:
-                if i + 1 < n and w[i] == a and w[i + 1] == b:
-                    nw.append(t)
-                    i += 2
-                else:
-                    nw.append(w[i])
-                    i += 1
-            if len(nw) == n:
+            i = w.find(p)
+            if i < 0:
                 continue  # stale index entry: the pair left this word in an earlier merge
             cw = counts[wi]
-            for q in zip(w, w[1:]):
-                pair_count[q] -= cw
-            for q in zip(nw, nw[1:]):
-                pair_count[q] += cw
-                if q[0] == t or q[1] == t:
-                    where[q].add(wi)
+            nw = words[wi] = w.replace(p, tc)
+            n = len(w)
+            if n == 2:
+                continue  # the whole word became t: only p itself disappears
+            if w.find(p, i + 2) < 0:
+                # one occurrence: only the neighbours' pairs change
+                if i:
+                    left = w[i - 1]
+                    pair_count[left + ca] -= cw
+                    q = left + tc
+                    pair_count[q] += cw
+                    where[q].append(wi)
                     new_pairs.add(q)
-            words[wi] = nw
+                if i + 2 < n:
+                    right = w[i + 2]
+                    pair_count[cb + right] -= cw
+                    q = tc + right
+                    pair_count[q] += cw
+                    where[q].append(wi)
+                    new_pairs.add(q)
+            else:  # several occurrences: recount this word's pairs
+                for q in map(add, w, w[1:]):
+                    pair_count[q] -= cw
+                for q in map(add, nw, nw[1:]):
+                    pair_count[q] += cw
+                    if tc in q:
+                        where[q].append(wi)
+                        new_pairs.add(q)
         pair_count.pop(p, None)
         for q in new_pairs:
             if pair_count[q] > 0:
@@ -175,6 +203,9 @@ def merge_pairs(
             m = len(merges)
             eta = (now - t0) / m * (num_merges - m)
             print(f"merges: {m:,}/{num_merges:,}, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+    if progress:
+        print(f"merges: {len(merges):,}/{num_merges:,} in {time.perf_counter() - t0:.1f} s"
+              + ("" if len(merges) == num_merges else " (no pairs left)"), file=sys.stderr, flush=True)
     return merges
 
 
@@ -191,7 +222,11 @@ def train_bpe(
     unless the corpus runs out of pairs) and merges [(bytes_a, bytes_b)] in creation order.
     `progress=None` shows progress on stderr for inputs over 16 MB.
     """
+    if isinstance(special_tokens, str):
+        raise ValueError("special_tokens must be a list of strings, not one string")
     specials = list(dict.fromkeys(special_tokens))  # de-duplicate, keep order
+    if "" in specials:
+        raise ValueError("a special token cannot be the empty string")
     base = 256 + len(specials)
     if vocab_size < base:
         raise ValueError(

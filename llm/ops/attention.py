@@ -57,11 +57,21 @@ def scaled_dot_product_attention(
     `mask` (... q k) bool, True = may attend."""
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"attention mask must be bool (True = may attend), got {mask.dtype}")
-    return AttentionFn.apply(q, k, v, mask)
+    dtype = q.dtype
+    ct = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.promote_types(v.dtype, torch.float32))
+    if ct == q.dtype == k.dtype == v.dtype:
+        return AttentionFn.apply(q, k, v, mask)
+    # bf16 under autocast, or a bf16 query against an fp32 KV cache: softmax in fp32, result in q's dtype
+    with torch.autocast(q.device.type, enabled=False):
+        return AttentionFn.apply(q.to(ct), k.to(ct), v.to(ct), mask).to(dtype)
 
 
-# Score-buffer size per chunk (elements). Small enough to stay in cache-friendly, reused memory.
-CHUNK_ELEMS = 1 << 20
+# Score-buffer size per chunk (elements): small, reused memory instead of a fresh (b h s s) tensor.
+CHUNK_ELEMS = 1 << 18
+# Query rows per block. Block i (rows [i·Q, (i+1)·Q)) only needs keys [0, (i+1)·Q), so the masked upper
+# triangle is mostly never computed (4 blocks: 10/16 of the square), and no online softmax is needed
+# because every row's keys lie inside its block.
+QUERY_BLOCK = 64
 _BIAS_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -77,6 +87,11 @@ def _causal_bias(s: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return bias
 
 
+def _blocks(s: int) -> list[tuple[int, int]]:
+    qb = max(1, QUERY_BLOCK)
+    return [(r, min(s, r + qb)) for r in range(0, s, qb)]
+
+
 class CausalAttentionFn(Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -85,20 +100,24 @@ class CausalAttentionFn(Function):
         q3, k3, v3 = (t.reshape(-1, s, d) for t in (q, k, v))
         B = q3.shape[0]
         bias = _causal_bias(s, q.device, q.dtype)
-        cb = max(1, min(B, CHUNK_ELEMS // (s * s)))
-        buf = torch.empty(cb, s, s, device=q.device, dtype=q.dtype)
+        blocks = _blocks(s)
+        rows = blocks[0][1]
+        cb = max(1, min(B, CHUNK_ELEMS // (rows * s)))
+        buf = torch.empty(cb * rows * s, device=q.device, dtype=q.dtype)
         o = torch.empty_like(q3)
         lse = torch.empty(B, s, 1, device=q.device, dtype=q.dtype)
         for i in range(0, B, cb):
             j = min(B, i + cb)
-            sc = buf[: j - i]
-            torch.baddbmm(bias, q3[i:j], k3[i:j].transpose(1, 2), alpha=scale, out=sc)
-            m = sc.amax(-1, keepdim=True)
-            sc.sub_(m).exp_()
-            denom = sc.sum(-1, keepdim=True)
-            torch.bmm(sc, v3[i:j], out=o[i:j])
-            o[i:j].div_(denom)  # normalise the (s d) output rather than the (s s) scores
-            torch.add(m, denom.log_(), out=lse[i:j])
+            for r0, r1 in blocks:  # keys [0, r1) only: the rest is masked anyway
+                sc = buf[: (j - i) * (r1 - r0) * r1].view(j - i, r1 - r0, r1)
+                torch.baddbmm(bias[r0:r1, :r1], q3[i:j, r0:r1], k3[i:j, :r1].transpose(1, 2), alpha=scale, out=sc)
+                m = sc.amax(-1, keepdim=True)
+                sc.sub_(m).exp_()
+                denom = sc.sum(-1, keepdim=True)
+                ob = o[i:j, r0:r1]
+                ob.baddbmm_(sc, v3[i:j, :r1], beta=0)
+                ob.div_(denom)  # normalise the (rows d) output rather than the (rows keys) scores
+                torch.add(m, denom.log_(), out=lse[i:j, r0:r1])
         ctx.save_for_backward(q3, k3, v3, o, lse)
         ctx.scale, ctx.shape = scale, q.shape
         return o.view(q.shape)
@@ -111,22 +130,26 @@ class CausalAttentionFn(Function):
         do3 = do.reshape(B, s, d)
         delta = (do3 * o).sum(-1, keepdim=True)  # rowsum(dP ⊙ P) = rowsum(dO ⊙ O)
         bias = _causal_bias(s, q3.device, q3.dtype)
-        cb = max(1, min(B, CHUNK_ELEMS // (s * s)))
-        pbuf = torch.empty(cb, s, s, device=q3.device, dtype=q3.dtype)
+        blocks = _blocks(s)
+        rows = blocks[0][1]
+        cb = max(1, min(B, CHUNK_ELEMS // (rows * s)))
+        pbuf = torch.empty(cb * rows * s, device=q3.device, dtype=q3.dtype)
         dpbuf = torch.empty_like(pbuf)
-        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        dq = torch.empty_like(q3)
+        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)  # accumulated over query blocks
         for i in range(0, B, cb):
             j = min(B, i + cb)
-            p, dp = pbuf[: j - i], dpbuf[: j - i]
-            torch.baddbmm(bias, q3[i:j], k3[i:j].transpose(1, 2), alpha=c, out=p)
-            p.sub_(lse[i:j]).exp_()  # P recomputed from the saved log-sum-exp
-            torch.bmm(p.transpose(1, 2), do3[i:j], out=dv[i:j])
-            torch.bmm(do3[i:j], v3[i:j].transpose(1, 2), out=dp)
-            dp.sub_(delta[i:j]).mul_(p)  # dS, in place
-            torch.bmm(dp, k3[i:j], out=dq[i:j])
-            torch.bmm(dp.transpose(1, 2), q3[i:j], out=dk[i:j])
-        dq.mul_(c)
-        dk.mul_(c)
+            for r0, r1 in blocks:
+                n = (j - i) * (r1 - r0) * r1
+                p, dp = pbuf[:n].view(j - i, r1 - r0, r1), dpbuf[:n].view(j - i, r1 - r0, r1)
+                qi, doi, kk, vv = q3[i:j, r0:r1], do3[i:j, r0:r1], k3[i:j, :r1], v3[i:j, :r1]
+                torch.baddbmm(bias[r0:r1, :r1], qi, kk.transpose(1, 2), alpha=c, out=p)
+                p.sub_(lse[i:j, r0:r1]).exp_()  # P recomputed from the saved log-sum-exp
+                dv[i:j, :r1].baddbmm_(p.transpose(1, 2), doi)
+                torch.bmm(doi, vv.transpose(1, 2), out=dp)
+                dp.sub_(delta[i:j, r0:r1]).mul_(p)  # dS, in place
+                dq[i:j, r0:r1].baddbmm_(dp, kk, beta=0, alpha=c)
+                dk[i:j, :r1].baddbmm_(dp.transpose(1, 2), qi, alpha=c)
         shape = ctx.shape
         return dq.view(shape), dk.view(shape), dv.view(shape)
 

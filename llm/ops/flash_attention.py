@@ -160,11 +160,13 @@ def flash_attention(
     v: Tensor,
     is_causal: bool = True,
     scale: float | None = None,
-    block_q: int = 128,
-    block_k: int = 128,
+    block_q: int = 64,
+    block_k: int = 64,
 ) -> Tensor:
     """softmax(scale · q kᵀ [+ causal mask]) v without the score matrix. q `b h sq d`, k/v `b hk sk d|dv`,
-    `h % hk == 0` (GQA handled here; do not repeat k, v). Returns `b h sq dv`. scale defaults to 1/√d."""
+    `h % hk == 0` (GQA handled here; do not repeat k, v). Returns `b h sq dv`. scale defaults to 1/√d.
+    64 x 64 tiles measured fastest on CPU at sequence 256 (fewer wasted scores above the diagonal than
+    128 x 128, few enough Python iterations)."""
     _validate(q, k, v, is_causal, block_q, block_k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

@@ -1,0 +1,313 @@
+"""Download the public corpora the CS336 course uses, with progress, resume and integrity checks.
+
+    uv run -m llm.data download tinystories [--out data/]   # TinyStoriesV2-GPT4 train + valid (~2.2 GB)
+    uv run -m llm.data download owt [--out data/]           # OpenWebText sample train + valid (gzip, unpacked)
+    uv run -m llm.data download tinystories --mirror https://hf-mirror.com
+    uv run -m llm.data download tinystories --url URL [--url URL ...]
+
+Only the standard library (urllib). A transfer writes ``FILE.part`` and resumes it with an HTTP Range
+request after an interruption (rerun the same command); the finished file is size-checked against the
+server's length, sha256-checked when an expected hash is known, and renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HF = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Remote:
+    url: str
+    filename: str  # name of the final (decompressed) file
+    size: int | None = None  # expected bytes of the downloaded object, when known
+    sha256: str | None = None  # expected sha256 of the downloaded object, when known
+
+    @property
+    def gz(self) -> bool:
+        return self.url.endswith(".gz")
+
+
+# The URLs of the CS336 assignment 1 README. Sizes/hashes are not pinned (the hosts may re-upload);
+# the size is always checked against the server's Content-Length and the sha256 is recorded.
+DATASETS: dict[str, list[Remote]] = {
+    "tinystories": [
+        Remote(f"{HF}/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-train.txt"),
+        Remote(f"{HF}/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt", "TinyStoriesV2-GPT4-valid.txt"),
+    ],
+    "owt": [
+        Remote(f"{HF}/datasets/stanford-cs336/owt-sample/resolve/main/owt_train.txt.gz", "owt_train.txt"),
+        Remote(f"{HF}/datasets/stanford-cs336/owt-sample/resolve/main/owt_valid.txt.gz", "owt_valid.txt"),
+    ],
+}
+
+
+class DownloadError(RuntimeError):
+    """A download failed; the message is one line that says what to do."""
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _Progress:
+    """A one-line progress bar on stderr: percent, bytes, MB/s over this session, ETA."""
+
+    def __init__(self, name: str, total: int | None, start: int, enabled: bool) -> None:
+        self.name, self.total, self.start, self.enabled = name, total, start, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_pct = -1
+
+    def update(self, done: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not final and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        rate = (done - self.start) / max(now - self.t0, 1e-6)
+        if self.total:
+            frac = done / self.total
+            bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            eta_s = _fmt_time(eta) if eta != float("inf") else "?"
+            line = f"{self.name} [{bar}] {frac:6.1%} {_fmt_bytes(done)}/{_fmt_bytes(self.total)} {rate / 1e6:.1f} MB/s ETA {eta_s}"
+        else:
+            line = f"{self.name} {_fmt_bytes(done)} {rate / 1e6:.1f} MB/s"
+        print(("\r" + line + " " * 4) if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+
+
+def _offline_message(url: str, dest: Path, reason: object) -> str:
+    host = urllib.parse.urlsplit(url).netloc
+    return (
+        f"cannot reach {host} ({reason}); check your internet connection or proxy (HTTPS_PROXY), "
+        f"or fetch {url} by other means into {dest} and rerun (partial downloads resume)"
+    )
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+    retries: int = 3,
+    timeout: float = 30.0,
+    progress: bool = True,
+    chunk_size: int = 1 << 20,
+    backoff: float = 2.0,
+) -> dict:
+    """Download ``url`` to ``dest`` via ``dest.part`` (resumed with HTTP Range); return {path, bytes, sha256, resumed_from}.
+
+    Interrupted transfers are retried ``retries`` times (resuming each time); if they still fail the
+    ``.part`` file stays for the next run. A size or sha256 mismatch deletes the ``.part`` (it is
+    corrupt, resuming it cannot help) and raises. Raises DownloadError with one line on any failure.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    resumed_from = part.stat().st_size if part.exists() else 0
+    total: int | None = None
+    attempt = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"User-Agent": "llm-data/1 (python urllib)", "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left to send: the .part is complete, or wrong
+                cr = e.headers.get("Content-Range", "")
+                total = int(cr.rsplit("/", 1)[1]) if "/" in cr and cr.rsplit("/", 1)[1].isdigit() else None
+                if total == have:
+                    break
+                part.unlink()
+                continue
+            if e.code >= 500 and attempt < retries:
+                attempt += 1
+                time.sleep(backoff * attempt)
+                continue
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise DownloadError(_offline_message(url, dest, e.reason)) from None
+        except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:  # noqa: UP041
+            if attempt < retries:
+                attempt += 1
+                time.sleep(backoff * attempt)
+                continue
+            raise DownloadError(_offline_message(url, dest, e)) from None
+        with resp:
+            if resp.status == 206:
+                cr = resp.headers.get("Content-Range", "")  # "bytes START-END/TOTAL"
+                try:
+                    start = int(cr.split()[1].split("-")[0])
+                    total = int(cr.rsplit("/", 1)[1]) if not cr.endswith("/*") else None
+                except (IndexError, ValueError):
+                    start = -1
+                if start != have:  # a server that answers a different range: start over
+                    part.unlink(missing_ok=True)
+                    continue
+                mode = "ab"
+            else:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                mode, have = "wb", 0  # the server ignored Range (or we asked for none): full body
+            bar = _Progress(dest.name, total, have, progress)
+            done = have
+            try:
+                with open(part, mode) as f:
+                    while block := resp.read(chunk_size):
+                        f.write(block)
+                        done += len(block)
+                        bar.update(done)
+            except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:  # noqa: UP041
+                bar.update(done, final=True)
+                if attempt < retries:
+                    attempt += 1
+                    time.sleep(backoff * attempt)
+                    continue
+                raise DownloadError(
+                    f"download of {url} interrupted at {_fmt_bytes(done)}"
+                    + (f" of {_fmt_bytes(total)}" if total else "")
+                    + f" ({type(e).__name__}); rerun the same command to resume from {part}"
+                ) from None
+            bar.update(done, final=True)
+        if total is not None and done < total:  # connection closed early without an exception
+            if attempt < retries:
+                attempt += 1
+                continue
+            raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; rerun the same command to resume from {part}")
+        break
+
+    size = part.stat().st_size
+    want = expected_size if expected_size is not None else total
+    if want is not None and size != want:
+        part.unlink()
+        raise DownloadError(f"{dest.name}: downloaded {size} bytes but expected {want}; the file was corrupt and was deleted, rerun to fetch it again")
+    h = hashlib.sha256()
+    with open(part, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    digest = h.hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        part.unlink()
+        raise DownloadError(
+            f"{dest.name}: sha256 {digest[:16]}... does not match the expected {expected_sha256[:16]}...; "
+            "the corrupt download was deleted, rerun to fetch it again"
+        )
+    os.replace(part, dest)
+    return {"path": str(dest), "bytes": size, "sha256": digest, "resumed_from": resumed_from}
+
+
+def gunzip_file(src: Path, dest: Path, progress: bool = True) -> int:
+    """Decompress ``src`` into ``dest`` atomically (temp + rename); return the decompressed size."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    bar = _Progress(f"unpack {src.name}", src.stat().st_size, 0, progress)
+    n = 0
+    try:
+        with open(src, "rb") as raw, gzip.open(raw) as fin, open(tmp, "wb") as fout:
+            while block := fin.read(1 << 22):
+                fout.write(block)
+                n += len(block)
+                bar.update(raw.tell())
+        bar.update(src.stat().st_size, final=True)
+        os.replace(tmp, dest)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(f"{src}: cannot decompress ({e}); delete it and rerun the download") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def fetch(remote: Remote, out_dir: Path, progress: bool = True, **kw) -> dict:
+    """Download (and unpack ``.gz``) one remote file into ``out_dir``; skip it if already complete."""
+    final = out_dir / remote.filename
+    if final.exists():
+        if progress:
+            print(f"{final}: already downloaded ({_fmt_bytes(final.stat().st_size)}), skipped", file=sys.stderr)
+        return {"path": str(final), "bytes": final.stat().st_size, "skipped": True}
+    target = out_dir / (remote.filename + ".gz") if remote.gz else final
+    if not (remote.gz and target.exists()):  # a finished .gz from an earlier run only needs unpacking
+        info = download_file(remote.url, target, remote.size, remote.sha256, progress=progress, **kw)
+        (out_dir / (target.name + ".sha256")).write_text(f"{info['sha256']}  {target.name}\n")
+    else:
+        info = {"path": str(target), "bytes": target.stat().st_size}
+    if remote.gz:
+        info["unpacked_bytes"] = gunzip_file(target, final, progress)
+        target.unlink()
+        info["path"] = str(final)
+    return info
+
+
+def _with_mirror(url: str, mirror: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    m = urllib.parse.urlsplit(mirror if "://" in mirror else "https://" + mirror)
+    return urllib.parse.urlunsplit((m.scheme, m.netloc, parts.path, parts.query, parts.fragment))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llm.data download", description="Download a public training corpus.")
+    ap.add_argument("dataset", choices=sorted(DATASETS), help="tinystories: TinyStoriesV2-GPT4; owt: OpenWebText sample (CS336)")
+    ap.add_argument("--out", default="data", help="parent directory; files go to OUT/DATASET/ (default data/)")
+    ap.add_argument("--url", action="append", default=None, help="download this URL instead (repeatable; .gz is unpacked)")
+    ap.add_argument("--mirror", default=None, help="replace the host, e.g. https://hf-mirror.com")
+    ap.add_argument("--sha256", action="append", default=None, help="expected sha256 per file, in order (optional)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    remotes = DATASETS[args.dataset]
+    if args.url:
+        remotes = [Remote(u, Path(urllib.parse.urlsplit(u).path).name.removesuffix(".gz") or "download") for u in args.url]
+    if args.mirror:
+        remotes = [Remote(_with_mirror(r.url, args.mirror), r.filename, r.size, r.sha256) for r in remotes]
+    if args.sha256:
+        if len(args.sha256) != len(remotes):
+            print(f"error: got {len(args.sha256)} --sha256 values for {len(remotes)} files", file=sys.stderr)
+            return 2
+        remotes = [Remote(r.url, r.filename, r.size, h) for r, h in zip(remotes, args.sha256, strict=True)]
+    out_dir = Path(args.out) / args.dataset
+    results = []
+    try:
+        for r in remotes:
+            results.append(fetch(r, out_dir, progress=not args.quiet))
+    except (DownloadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2))
+    if not args.quiet:
+        files = [Path(x["path"]) for x in results]
+        if len(files) == 2:
+            print(
+                f"next: uv run -m llm.data prepare --input {files[0]} --val-input {files[1]} --vocab-size {10000 if args.dataset == 'tinystories' else 32000} --out {out_dir}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
