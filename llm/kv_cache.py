@@ -37,10 +37,12 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (b h_kv s d) after the current length; return all keys/values so far."""
-        end = self.length + k.shape[-2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        n = k.shape[-2]
+        kl, vl = self.k[layer], self.v[layer]
+        # narrow + copy_ into the preallocated buffer: fewer ops than slice assignment via __setitem__
+        kl.narrow(2, self.length, n).copy_(k)
+        vl.narrow(2, self.length, n).copy_(v)
+        return kl.narrow(2, 0, self.length + n), vl.narrow(2, 0, self.length + n)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -8,6 +8,7 @@ with `load_state_dict`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -151,8 +152,11 @@ class RoPE(nn.Module):
             return self.cos[:seq_len], self.sin[:seq_len]
         if token_positions.dtype.is_floating_point or token_positions.dtype == torch.bool:
             raise ValueError(f"token_positions must be integers, got {token_positions.dtype}")
-        if token_positions.numel() and (int(token_positions.min()) < 0 or int(token_positions.max()) >= self.max_seq_len):
-            raise ValueError(f"token positions must be in [0, {self.max_seq_len}), got up to {int(token_positions.max())}")
+        if token_positions.numel():
+            mm = torch.aminmax(token_positions)  # one pass, one sync
+            lo, hi = int(mm.min), int(mm.max)
+            if lo < 0 or hi >= self.max_seq_len:
+                raise ValueError(f"token positions must be in [0, {self.max_seq_len}), got {lo}..{hi}")
         return self.cos[token_positions], self.sin[token_positions]
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,42 +221,83 @@ class MultiHeadAttention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         attention_mask: torch.Tensor | None = None,
+        inputs: AttnInputs | None = None,
     ) -> torch.Tensor:
+        """`inputs`: RoPE tables and mask precomputed by `Transformer.hidden` (the same for every layer);
+        None = compute them here from token_positions / kv_cache / attention_mask."""
         b, s, _ = x.shape
         h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if inputs is None:
+            offset = kv_cache.length if kv_cache is not None else 0
+            inputs = attn_inputs(self.rope, h // hkv, s, token_positions, offset, attention_mask, x.device)
         # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer
         q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         q = q.view(b, s, h, dh).transpose(1, 2)
         k = k.view(b, s, hkv, dh).transpose(1, 2)
         v = v.view(b, s, hkv, dh).transpose(1, 2)
-        if self.rope is not None:
-            if token_positions is None and kv_cache is not None:
-                token_positions = torch.arange(kv_cache.length, kv_cache.length + s, device=x.device)
-            cos, sin = self.rope.tables(token_positions, s)
-            if cos.dim() == 3:  # per-row positions (b s half): broadcast over heads
-                cos, sin = cos[:, None], sin[:, None]
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-        if kv_cache is None and attention_mask is None:
+        if inputs.cos is not None:
+            q, k = rope(q, inputs.cos, inputs.sin), rope(k, inputs.cos, inputs.sin)
+        if kv_cache is not None:
+            kc, vc = kv_cache.update(layer_idx, k, v)
+        if inputs.causal:  # training, or a prefill into an empty cache: the blocked causal kernel
             if hkv != h:
                 k, v = (t.repeat_interleave(h // hkv, dim=1) for t in (k, v))
             o = self._attend_causal(q, k, v)
         else:
-            offset = 0
             if kv_cache is not None:
-                offset = kv_cache.length
-                k, v = kv_cache.update(layer_idx, k, v)
-            total = k.shape[-2]
-            if hkv != h:
-                k, v = (t.repeat_interleave(h // hkv, dim=1) for t in (k, v))
-            qi = torch.arange(offset, offset + s, device=x.device)[:, None]
-            kj = torch.arange(total, device=x.device)[None, :]
-            mask = kj <= qi  # (s total): causal against absolute positions in the cache
-            if attention_mask is not None:
-                # padded keys are hidden; each query still sees itself so a padding row is not all
-                # −inf (its output is garbage that nothing real attends to)
-                mask = (mask & attention_mask[:, None, None, :]) | (kj == qi)
-            o = scaled_dot_product_attention(q, k, v, mask)
+                k, v = kc, vc
+            # GQA without copying K/V: the g query heads of one K/V head become g·s query rows, so
+            # scores are (b h_kv g·s total) against the un-expanded keys (mask rows repeated to match)
+            g = h // hkv
+            o = scaled_dot_product_attention(q.reshape(b, hkv, g * s, dh), k, v, inputs.mask).view(b, h, s, dh)
         return self.output_proj(o.transpose(1, 2).reshape(b, s, self.d_model))
+
+
+class AttnInputs(NamedTuple):
+    """What every attention layer of one forward pass shares, computed once."""
+
+    cos: torch.Tensor | None  # RoPE tables (s d/2) or (b 1 s d/2); None = no RoPE
+    sin: torch.Tensor | None
+    mask: torch.Tensor | None  # bool, True = may attend, (g·s total) or (b 1 g·s total); None = attend to all
+    causal: bool  # no cache offset and no padding: plain causal attention over the new tokens
+
+
+def attn_inputs(
+    rope_mod: RoPE | None,
+    groups: int,
+    s: int,
+    token_positions: torch.Tensor | None,
+    offset: int,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+) -> AttnInputs:
+    """RoPE tables and attention mask for s new tokens after `offset` cached ones; `groups` = query heads
+    per K/V head (the mask rows are repeated that many times, see MultiHeadAttention.forward)."""
+    cos = sin = None
+    if rope_mod is not None:
+        if token_positions is None:
+            if offset + s > rope_mod.max_seq_len:
+                raise ValueError(f"sequence length {offset + s} exceeds RoPE max_seq_len {rope_mod.max_seq_len}")
+            cos, sin = rope_mod.cos[offset : offset + s], rope_mod.sin[offset : offset + s]  # slices: no arange
+        else:
+            cos, sin = rope_mod.tables(token_positions, s)
+            if cos.dim() == 3:  # per-row positions (b s half): broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
+    causal = offset == 0 and attention_mask is None
+    mask = None
+    # one new query and no padding attends to every cached key: no mask at all (the decode step)
+    if not causal and (attention_mask is not None or s > 1):
+        total = offset + s
+        qi = torch.arange(offset, total, device=device)[:, None]
+        kj = torch.arange(total, device=device)[None, :]
+        mask = kj <= qi  # (s total): causal against absolute positions in the cache
+        if attention_mask is not None:
+            # padded keys are hidden; each query still sees itself so a padding row is not all
+            # −inf (its output is garbage that nothing real attends to)
+            mask = (mask & attention_mask[:, None, None, :]) | (kj == qi)
+        if groups > 1:
+            mask = mask.repeat(*(1,) * (mask.dim() - 2), groups, 1)
+    return AttnInputs(cos, sin, mask, causal)
 
 
 class TransformerBlock(nn.Module):
@@ -285,8 +330,9 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
         attention_mask: torch.Tensor | None = None,
+        inputs: AttnInputs | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), token_positions, kv_cache, layer_idx, attention_mask)
+        x = x + self.attn(self.ln1(x), token_positions, kv_cache, layer_idx, attention_mask, inputs)
         return x + self.ffn(self.ln2(x))
 
 
@@ -363,7 +409,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.check_room(b, s)
         if token_ids.numel():
-            lo, hi = int(token_ids.min()), int(token_ids.max())
+            mm = torch.aminmax(token_ids)  # one pass, one sync
+            lo, hi = int(mm.min), int(mm.max)
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {lo}, max {hi}")
         if token_positions is not None:
@@ -390,8 +437,14 @@ class Transformer(nn.Module):
             # left padding: a row's first real token is position 0
             token_positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -s:]
         x = self.token_embeddings(token_ids)
+        inputs = None
+        if len(self.layers):  # RoPE tables and mask once per forward, not once per layer
+            attn = self.layers[0].attn
+            offset = kv_cache.length if kv_cache is not None else 0
+            groups = attn.num_heads // attn.num_kv_heads
+            inputs = attn_inputs(attn.rope, groups, s, token_positions, offset, attention_mask, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, token_positions, kv_cache, i, attention_mask)
+            x = layer(x, token_positions, kv_cache, i, attention_mask, inputs)
         if kv_cache is not None:
             kv_cache.advance(s)
         return self.ln_final(x)

@@ -27,17 +27,22 @@ from torch.autograd import Function
 from llm.ops.softmax import softmax_backward, softmax_forward
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, P): the forward math, shared by the Function and the no-grad path."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = softmax_forward(s, -1)
+    return torch.matmul(p, v), p
+
+
 class AttentionFn(Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        p = softmax_forward(s, -1)
+        o, p = _attention(q, k, v, mask)
         ctx.save_for_backward(q, k, v, p)
-        ctx.scale = scale
-        return torch.matmul(p, v)
+        ctx.scale = 1.0 / math.sqrt(q.shape[-1])
+        return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
@@ -60,6 +65,8 @@ def scaled_dot_product_attention(
     dtype = q.dtype
     ct = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.promote_types(v.dtype, torch.float32))
     if ct == q.dtype == k.dtype == v.dtype:
+        if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+            return _attention(q, k, v, mask)[0]
         return AttentionFn.apply(q, k, v, mask)
     # bf16 under autocast, or a bf16 query against an fp32 KV cache: softmax in fp32, result in q's dtype
     with torch.autocast(q.device.type, enabled=False):

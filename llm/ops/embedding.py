@@ -11,13 +11,17 @@ import torch
 from torch.autograd import Function
 
 
+def _embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.index_select(0, ids.reshape(-1))  # one gather over all tokens
+    return flat.view(*ids.shape, weight.shape[1])
+
+
 class EmbeddingFn(Function):
     @staticmethod
     def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(ids)
         ctx.num_embeddings = weight.shape[0]
-        flat = weight.index_select(0, ids.reshape(-1))  # one gather over all tokens
-        return flat.view(*ids.shape, weight.shape[1])
+        return _embedding(ids, weight)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -31,4 +35,6 @@ class EmbeddingFn(Function):
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Rows of `weight (vocab d)` selected by integer `ids (...)` -> `(... d)`."""
+    if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+        return _embedding(ids, weight)
     return EmbeddingFn.apply(ids, weight)

@@ -63,9 +63,13 @@ class SharedInputLinearFn(Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = x Wᵀ with x (... in) and W (out in)."""
+    if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+        return torch.matmul(x, weight.t())
     return LinearFn.apply(x, weight)
 
 
 def linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(x W_1ᵀ, x W_2ᵀ, ...) for one input x (... in) and weights W_i (out_i in)."""
+    if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+        return tuple(torch.matmul(x, w.t()) for w in weights)
     return SharedInputLinearFn.apply(x, *weights)

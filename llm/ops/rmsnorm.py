@@ -18,16 +18,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): the forward math, shared by the Function and the no-grad path."""
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+    y = xf * rstd
+    y.mul_(gain.to(ct))
+    return y.to(x.dtype), rstd
+
+
 class RmsNormFn(Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-        ct = _compute_dtype(x.dtype)
-        xf = x.to(ct)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        y, rstd = _rms_norm(x, gain, eps)
         ctx.save_for_backward(x, rstd, gain)
-        y = xf * rstd
-        y.mul_(gain.to(ct))
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -48,4 +54,6 @@ class RmsNormFn(Function):
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim of x (... d) with gain (d)."""
+    if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+        return _rms_norm(x, gain, eps)[0]
     return RmsNormFn.apply(x, gain, eps)

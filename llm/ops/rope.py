@@ -16,6 +16,19 @@ from torch.autograd import Function
 _COMPLEX_OK = (torch.float32, torch.float64)
 
 
+def _broadcast(a: torch.Size, b: torch.Size) -> tuple[int, ...]:
+    """Broadcast shape of a and b. Plain Python: torch.broadcast_shapes goes through torch._refs (tens of
+    µs a call, and it imports sympy on first use: seconds of start-up)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for i, j in zip(a, b):
+        if i != j and 1 not in (i, j):
+            raise ValueError(f"RoPE tables of shape {tuple(b)} do not broadcast against x pairs {tuple(a)}")
+        out.append(j if i == 1 else i)
+    return tuple(out)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """Rotate pairs of x by ±θ; returns a fresh contiguous tensor in x's dtype."""
     dtype = x.dtype
@@ -24,7 +37,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
         xc = xc.contiguous()
     z = torch.view_as_complex(xc.unflatten(-1, (-1, 2)))
     rot = torch.complex(cos.to(xc.dtype), sin.to(xc.dtype) * sign)
-    shape = torch.broadcast_shapes(z.shape, rot.shape)
+    shape = _broadcast(z.shape, rot.shape)
     # out= makes the result contiguous even when x is a transposed view (e.g. heads split from qkv)
     out = torch.empty(shape, dtype=z.dtype, device=z.device)
     torch.mul(z, rot, out=out)
@@ -52,4 +65,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of x (... s d) by the angles whose cos/sin are given as (... s d/2)."""
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even last dimension, got {x.shape[-1]}")
+    if not torch.is_grad_enabled():  # inference: the same math without autograd.Function overhead
+        return _rotate(x, cos, sin, 1.0)
     return RopeFn.apply(x, cos, sin)

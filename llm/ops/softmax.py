@@ -39,4 +39,6 @@ class SoftmaxFn(Function):
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x) / Σ_dim exp(x), computed stably."""
+    if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+        return softmax_forward(x, dim)
     return SoftmaxFn.apply(x, dim)

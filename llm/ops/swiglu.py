@@ -28,15 +28,21 @@ class SiluFn(Function):
         return grad
 
 
+def _swiglu(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, σ(a), silu(a)): the forward math, shared by the Function and the no-grad path."""
+    sig = torch.sigmoid(a)
+    silu_a = a * sig
+    return silu_a * b, sig, silu_a
+
+
 class SwiGLUFn(Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        sig = torch.sigmoid(a)
-        silu_a = a * sig
+        y, sig, silu_a = _swiglu(a, b)
         # Save σ(a) and silu(a) instead of a: backward needs no exp, and the memory equals what
         # autograd keeps for silu(a) * b anyway.
         ctx.save_for_backward(sig, silu_a, b)
-        return silu_a * b
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -54,5 +60,7 @@ def silu(a: torch.Tensor) -> torch.Tensor:
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) ⊙ b, elementwise (the SwiGLU gate)."""
+    if not torch.is_grad_enabled():  # inference: no autograd.Function overhead
+        return _swiglu(a, b)[0]
     return SwiGLUFn.apply(a, b)
 
