@@ -420,7 +420,8 @@ def sweep_plot(data: dict, path: Path) -> str:
     m = data["machine"]
     ax.set_title(f"{data['plot_phase']} throughput, {m.get('gpu') or 'CPU'}, {data['dtype']}, batch {data['batch_size']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("context length")
