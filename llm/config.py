@@ -83,7 +83,7 @@ class ModelConfig:
 
 # The sizes of CS336 assignment 2 and the course's TinyStories model; `demo` is what trains here in minutes.
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    "demo": ModelConfig(vocab_size=4096, context_length=256, d_model=256, num_layers=4, num_heads=8),
+    "demo": ModelConfig(vocab_size=2048, context_length=256, d_model=256, num_layers=4, num_heads=8),
     "tiny": ModelConfig(vocab_size=10_000, context_length=256, d_model=256, num_layers=4, num_heads=8),
     "tinystories": ModelConfig(vocab_size=10_000, context_length=256, d_model=512, d_ff=1344, num_layers=4, num_heads=16),
     "small": ModelConfig(vocab_size=10_000, context_length=1024, d_model=768, d_ff=3072, num_layers=12, num_heads=12),

@@ -489,7 +489,7 @@ def prepare(
 
 
 def ensure_demo_data(
-    out_dir: str | os.PathLike = "data/demo", vocab_size: int = 4096, size_mb: float = 5.0, seed: int = 0, quiet: bool = False
+    out_dir: str | os.PathLike = "data/demo", vocab_size: int = 2048, size_mb: float = 5.0, seed: int = 0, quiet: bool = False
 ) -> dict:
     """Generate the built-in story corpus and prepare it, unless both are already done (idempotent).
 
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="generate + prepare the built-in corpus (idempotent)")
     d.add_argument("--out", default="data/demo")
-    d.add_argument("--vocab-size", type=int, default=4096)
+    d.add_argument("--vocab-size", type=int, default=2048)
     d.add_argument("--size-mb", type=float, default=5.0)
     d.add_argument("--seed", type=int, default=0)
 

@@ -178,9 +178,9 @@ def _make_presets() -> dict[str, TrainConfig]:
     presets = {
         # The README's first command: trains in ~3-5 minutes on 2 CPU cores and writes a story.
         "demo": _preset(
-            "demo", prepare_demo_data=True, out_dir="runs/demo", max_steps=100, batch_size=8, lr=3e-3,
-            min_lr=3e-4, warmup_steps=10, weight_decay=0.1, eval_interval=25, eval_batches=2, log_interval=10,
-            checkpoint_interval=50, keep_last=2,
+            "demo", prepare_demo_data=True, out_dir="runs/demo", max_steps=200, batch_size=16, lr=3e-3,
+            min_lr=3e-4, warmup_steps=20, weight_decay=0.1, eval_interval=50, eval_batches=4, log_interval=10,
+            checkpoint_interval=100, keep_last=2,
         ),
         # The course's TinyStories model (~17M non-embedding params); data from `llm.data download/prepare`.
         "tinystories": _preset(

@@ -24,7 +24,7 @@ Only O and L are saved. Backward (FA2), with D = rowsum(dO ∘ O) `b h sq`, reco
 
 Causal masking is aligned to the bottom right (as in FlashAttention ≥ 2.1 and a KV cache): query `t` sits
 at absolute position `sk - sq + t` and may attend keys `≤` that position. With sq == sk this is the usual
-lower-triangular mask (what `F.scaled_dot_product_attention(is_causal=True)` does). Key blocks that lie
+lower-triangular mask (what PyTorch's SDPA does with is_causal=True). Key blocks that lie
 entirely above the diagonal are skipped in both passes; only tiles that straddle it are masked.
 
 Memory: O(b·h·(sq + sk)·d) instead of O(b·h·sq·sk). Tiles are (block_q·g) x block_k, g = h // hk,
