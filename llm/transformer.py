@@ -20,7 +20,7 @@ from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llm.ops.embedding import embedding
 from llm.ops.linear import linear, linears
 from llm.ops.rmsnorm import rms_norm
-from llm.ops.rope import rope
+from llm.ops.rope import rope, rope_rotate, rotation
 from llm.ops.softmax import softmax
 from llm.ops.swiglu import silu, swiglu
 
@@ -235,7 +235,9 @@ class MultiHeadAttention(nn.Module):
         q = q.view(b, s, h, dh).transpose(1, 2)
         k = k.view(b, s, hkv, dh).transpose(1, 2)
         v = v.view(b, s, hkv, dh).transpose(1, 2)
-        if inputs.cos is not None:
+        if inputs.rot is not None:  # no grad: the rotation e^{iθ} was built once for all layers
+            q, k = rope_rotate(q, inputs.rot), rope_rotate(k, inputs.rot)
+        elif inputs.cos is not None:
             q, k = rope(q, inputs.cos, inputs.sin), rope(k, inputs.cos, inputs.sin)
         if kv_cache is not None:
             kc, vc = kv_cache.update(layer_idx, k, v)
@@ -260,6 +262,7 @@ class AttnInputs(NamedTuple):
     sin: torch.Tensor | None
     mask: torch.Tensor | None  # bool, True = may attend, (g·s total) or (b 1 g·s total); None = attend to all
     causal: bool  # no cache offset and no padding: plain causal attention over the new tokens
+    rot: torch.Tensor | None = None  # no grad: complex e^{iθ} from cos/sin, shared by all layers
 
 
 def attn_inputs(
@@ -297,7 +300,10 @@ def attn_inputs(
             mask = (mask & attention_mask[:, None, None, :]) | (kj == qi)
         if groups > 1:
             mask = mask.repeat(*(1,) * (mask.dim() - 2), groups, 1)
-    return AttnInputs(cos, sin, mask, causal)
+    rot = None
+    if cos is not None and not torch.is_grad_enabled():
+        rot = rotation(cos, sin, 1.0, cos.dtype if cos.dtype == torch.float64 else torch.float32)
+    return AttnInputs(cos, sin, mask, causal, rot)
 
 
 class TransformerBlock(nn.Module):

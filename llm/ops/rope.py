@@ -29,14 +29,32 @@ def _broadcast(a: torch.Size, b: torch.Size) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """Rotate pairs of x by ±θ; returns a fresh contiguous tensor in x's dtype."""
+def _real_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in _COMPLEX_OK else torch.float32
+
+
+def rotation(cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e^{±iθ} as a complex tensor (... s d/2) from the cos/sin tables; `dtype` = the real dtype (fp32/fp64).
+    The inference path builds it once per forward pass and reuses it in every layer (`rope_rotate`)."""
+    if cos.dtype != dtype:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return torch.complex(cos, sin if sign > 0 else -sin)
+
+
+def rope_rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of x (... s d) by the complex rot (... s d/2) from `rotation` (no autograd: inference)."""
+    return _rotate(x, rot)
+
+
+def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Multiply the pairs of x, as complex numbers, by rot; returns a fresh contiguous tensor in x's dtype."""
     dtype = x.dtype
     xc = x if dtype in _COMPLEX_OK else x.float()  # complex views need fp32/fp64
     if xc.stride(-1) != 1 or any(st % 2 for st in xc.stride()[:-1]):
         xc = xc.contiguous()
     z = torch.view_as_complex(xc.unflatten(-1, (-1, 2)))
-    rot = torch.complex(cos.to(xc.dtype), sin.to(xc.dtype) * sign)
+    if rot.dtype != z.dtype:
+        rot = rot.to(z.dtype)
     shape = _broadcast(z.shape, rot.shape)
     # out= makes the result contiguous even when x is a transposed view (e.g. heads split from qkv)
     out = torch.empty(shape, dtype=z.dtype, device=z.device)
@@ -50,12 +68,12 @@ class RopeFn(Function):
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.x_shape = x.shape
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate(x, rotation(cos, sin, 1.0, _real_dtype(x)))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        dx = _rotate(dy, cos, sin, -1.0)
+        dx = _rotate(dy, rotation(cos, sin, -1.0, _real_dtype(dy)))
         if dx.shape != ctx.x_shape:  # x was broadcast against wider position tables
             dx = dx.sum_to_size(ctx.x_shape)
         return dx, None, None
@@ -66,5 +84,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even last dimension, got {x.shape[-1]}")
     if not torch.is_grad_enabled():  # inference: the same math without autograd.Function overhead
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate(x, rotation(cos, sin, 1.0, _real_dtype(x)))
     return RopeFn.apply(x, cos, sin)
