@@ -17,12 +17,7 @@ from llm.evaluate import evaluate_tokens, main, windows
 from tests.test_generating import byte_tokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n, ctx, stride", [(2, 4, 4), (50, 8, 8), (50, 8, 3), (51, 8, 1), (9, 8, 5), (100, 16, 7)])

@@ -30,13 +30,7 @@ from llm.transformer import Transformer
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared machine's cores."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def byte_tokenizer() -> BpeTokenizer:

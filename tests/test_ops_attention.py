@@ -10,13 +10,7 @@ from llm.ops.attention import causal_attention, scaled_dot_product_attention
 from llm.transformer import MultiHeadAttention, ScaledDotProductAttention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP barrier waits on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gradcheck_general_with_mask() -> None:
