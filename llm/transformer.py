@@ -23,8 +23,10 @@ from llm.ops.rmsnorm import rms_norm
 from llm.ops.rope import rope, rope_rotate, rotation
 from llm.ops.softmax import softmax
 from llm.ops.swiglu import silu, swiglu
+from llm.optim import AdamW, SGDDecay, cos_lr_scheduler, gradient_clip  # re-exported: the course's names live here
 
 __all__ = [
+    "AdamW",
     "CrossEntropyLoss",
     "Embedding",
     "FFN",
@@ -32,12 +34,15 @@ __all__ = [
     "MultiHeadAttention",
     "RmsNorm",
     "RoPE",
+    "SGDDecay",
     "ScaledDotProductAttention",
     "SiLU",
     "Softmax",
     "Transformer",
     "TransformerBlock",
+    "cos_lr_scheduler",
     "cross_entropy",
+    "gradient_clip",
     "scaled_dot_product_attention",
     "softmax",
 ]

@@ -157,3 +157,13 @@ def test_errors() -> None:
         model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="targets"):
         model.loss(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), 64))
+
+
+def test_course_names_importable_from_transformer() -> None:
+    """The course's adapters import everything from one module; the optimizer pieces are re-exported."""
+    import llm.optim
+    import llm.transformer as t
+
+    for name in ("AdamW", "SGDDecay", "cos_lr_scheduler", "gradient_clip"):
+        assert getattr(t, name) is getattr(llm.optim, name)
+        assert name in t.__all__
