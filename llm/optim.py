@@ -36,6 +36,13 @@ def _undecorated(name: str) -> Callable[..., Any]:
     return getattr(method, "__wrapped__", method)
 
 
+def _evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """The Optimizer.step contract: re-evaluate the loss (with grad enabled) when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
 class _Optimizer(torch.optim.Optimizer):
     """The base class, minus the torch._dynamo import. When dynamo is already loaded (torch.compile in use)
     the decorated methods run unchanged, so compiled code still sees them as it expects."""
@@ -101,10 +108,7 @@ class AdamW(_Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             # Bucket by (device, dtype): _foreach_* ops need homogeneous lists.
             buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -196,10 +200,7 @@ class SGDDecay(_Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
