@@ -74,7 +74,7 @@ def scaled_dot_product_attention(
 
 
 # Score-buffer size per chunk (elements): small, reused memory instead of a fresh (b h s s) tensor.
-CHUNK_ELEMS = 1 << 18
+CHUNK_ELEMS = 1 << 19
 # Query rows per block. Block i (rows [i·Q, (i+1)·Q)) only needs keys [0, (i+1)·Q), so the masked upper
 # triangle is mostly never computed (4 blocks: 10/16 of the square), and no online softmax is needed
 # because every row's keys lie inside its block.
@@ -113,6 +113,7 @@ class CausalAttentionFn(Function):
         buf = torch.empty(cb * rows * s, device=q.device, dtype=q.dtype)
         o = torch.empty_like(q3)
         lse = torch.empty(B, s, 1, device=q.device, dtype=q.dtype)
+        obuf = torch.empty(cb * rows * d, device=q.device, dtype=q.dtype)
         for i in range(0, B, cb):
             j = min(B, i + cb)
             for r0, r1 in blocks:  # keys [0, r1) only: the rest is masked anyway
@@ -121,9 +122,10 @@ class CausalAttentionFn(Function):
                 m = sc.amax(-1, keepdim=True)
                 sc.sub_(m).exp_()
                 denom = sc.sum(-1, keepdim=True)
-                ob = o[i:j, r0:r1]
-                ob.baddbmm_(sc, v3[i:j, :r1], beta=0)
-                ob.div_(denom)  # normalise the (rows d) output rather than the (rows keys) scores
+                # bmm into a contiguous buffer: with a strided out= (a row block of o) the CPU bmm falls
+                # back to one small addmm_ per batch item, a parallel region each (slow with 2+ threads)
+                ob = torch.bmm(sc, v3[i:j, :r1], out=obuf[: (j - i) * (r1 - r0) * d].view(j - i, r1 - r0, d))
+                torch.div(ob, denom, out=o[i:j, r0:r1])  # normalise the (rows d) output, not the (rows keys) scores
                 torch.add(m, denom.log_(), out=lse[i:j, r0:r1])
         ctx.save_for_backward(q3, k3, v3, o, lse)
         ctx.scale, ctx.shape = scale, q.shape
@@ -143,20 +145,34 @@ class CausalAttentionFn(Function):
         pbuf = torch.empty(cb * rows * s, device=q3.device, dtype=q3.dtype)
         dpbuf = torch.empty_like(pbuf)
         dq = torch.empty_like(q3)
-        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)  # accumulated over query blocks
+        dk, dv = torch.empty_like(k3), torch.empty_like(v3)  # accumulated over query blocks
+        qtmp = torch.empty(cb * rows * d, device=q3.device, dtype=q3.dtype)
+        kvtmp = torch.empty(cb * s * d, device=q3.device, dtype=q3.dtype)
         for i in range(0, B, cb):
             j = min(B, i + cb)
-            for r0, r1 in blocks:
+            # Last query block first: it sees all keys, so it writes dK, dV[i:j] whole (contiguous, no
+            # zero fill); earlier blocks see a key prefix [0, r1), a strided slice, so their products go
+            # to a contiguous buffer and are added (a strided bmm out= is one addmm_ per batch item).
+            for r0, r1 in reversed(blocks):
                 n = (j - i) * (r1 - r0) * r1
                 p, dp = pbuf[:n].view(j - i, r1 - r0, r1), dpbuf[:n].view(j - i, r1 - r0, r1)
                 qi, doi, kk, vv = q3[i:j, r0:r1], do3[i:j, r0:r1], k3[i:j, :r1], v3[i:j, :r1]
                 torch.baddbmm(bias[r0:r1, :r1], qi, kk.transpose(1, 2), alpha=c, out=p)
                 p.sub_(lse[i:j, r0:r1]).exp_()  # P recomputed from the saved log-sum-exp
-                dv[i:j, :r1].baddbmm_(p.transpose(1, 2), doi)
+                full = r1 == s
+                kv = dv[i:j] if full else kvtmp[: (j - i) * r1 * d].view(j - i, r1, d)
+                torch.bmm(p.transpose(1, 2), doi, out=kv)
+                if not full:
+                    dv[i:j, :r1].add_(kv)
                 torch.bmm(doi, vv.transpose(1, 2), out=dp)
                 dp.sub_(delta[i:j, r0:r1]).mul_(p)  # dS, in place
-                dq[i:j, r0:r1].baddbmm_(dp, kk, beta=0, alpha=c)
-                dk[i:j, :r1].baddbmm_(dp.transpose(1, 2), qi, alpha=c)
+                dqi = torch.bmm(dp, kk, out=qtmp[: (j - i) * (r1 - r0) * d].view(j - i, r1 - r0, d))
+                torch.mul(dqi, c, out=dq[i:j, r0:r1])
+                if full:
+                    dk[i:j].baddbmm_(dp.transpose(1, 2), qi, beta=0, alpha=c)  # beta=0: the empty buffer is not read
+                else:
+                    kv = torch.bmm(dp.transpose(1, 2), qi, out=kv)
+                    dk[i:j, :r1].add_(kv, alpha=c)
         shape = ctx.shape
         return dq.view(shape), dk.view(shape), dv.view(shape)
 
