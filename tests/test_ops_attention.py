@@ -31,6 +31,8 @@ def test_gradcheck_causal_chunked(monkeypatch, save_p) -> None:
     q, k, v = (torch.randn(1, 5, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert attention_mod._keeps_p(q[0]) == bool(save_p)
     assert torch.autograd.gradcheck(causal_attention, (q, k, v))
+    with torch.no_grad():  # inference keeps no P (there is no backward), same output
+        torch.testing.assert_close(causal_attention(q, k, v), causal_attention(q.detach(), k.detach(), v.detach()))
 
 
 @pytest.mark.parametrize("save_p", [0, 1 << 20], ids=["recompute_p", "keep_p"])
@@ -51,7 +53,7 @@ def test_compiled_path_custom_ops(monkeypatch, save_p) -> None:
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same code: bit-identical
     q3, k3, v3 = (t.detach().reshape(4, 7, 4).float().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(attention_mod._causal_op, (q3, k3, v3))
+    torch.library.opcheck(attention_mod._causal_op, (q3, k3, v3, bool(save_p)))
 
 
 def _grads(fn, q, k, v, do):

@@ -120,12 +120,13 @@ def _keeps_p(q3: torch.Tensor) -> bool:
     return B * sum((r1 - r0) * r1 for r0, r1 in _blocks(s)) * q3.element_size() <= SAVE_P_BYTES
 
 
-def _causal_forward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _causal_forward(
+    q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, keep: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(O, L, P blocks) for q, k, v (B s d): the blocked forward, shared by the Function and the custom op.
-    P blocks (normalised, one (j−i, r1−r0, r1) tensor per `_p_blocks` entry) only when `_keeps_p`."""
+    P blocks (normalised, one (j−i, r1−r0, r1) tensor per `_p_blocks` entry) only when `keep`."""
     B, s, d = q3.shape
     scale = 1.0 / math.sqrt(d)
-    keep = _keeps_p(q3)
     bias = _causal_bias(s, q3.device, q3.dtype)
     visits = _p_blocks(B, s)
     rows, cb = visits[0][3] - visits[0][2], visits[0][1] - visits[0][0]
@@ -204,21 +205,18 @@ def _causal_backward(
 
 
 class CausalAttentionFn(Function):
+    """q, k, v (B s d) with B = b·h folded by the caller."""
+
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s, d = q.shape[-2:]
-        q3, k3, v3 = (t.reshape(-1, s, d) for t in (q, k, v))
-        o, lse, ps = _causal_forward(q3, k3, v3)
+    def forward(ctx, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, keep_p: bool) -> torch.Tensor:
+        o, lse, ps = _causal_forward(q3, k3, v3, keep_p)
         ctx.save_for_backward(q3, k3, v3, o, lse, *ps)
-        ctx.shape = q.shape
-        return o.view(q.shape)
+        return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         q3, k3, v3, o, lse, *ps = ctx.saved_tensors
-        shape = ctx.shape
-        dq, dk, dv = _causal_backward(q3, k3, v3, o, lse, do.reshape(q3.shape), ps)
-        return dq.view(shape), dk.view(shape), dv.view(shape)
+        return (*_causal_backward(q3, k3, v3, o, lse, do, ps), None)
 
 
 # The same forward and backward as opaque custom ops, for torch.compile: Dynamo cannot trace the blocked
@@ -226,14 +224,16 @@ class CausalAttentionFn(Function):
 # fuses only the code around them. Eager keeps CausalAttentionFn (a custom op costs ~15 µs more per call
 # and its first call imports torch._dynamo).
 @torch.library.custom_op("llm::causal_attention", mutates_args=())
-def _causal_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    return _causal_forward(q, k, v)
+def _causal_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_p: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return _causal_forward(q, k, v, keep_p)
 
 
 @_causal_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_p: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     B, s, d = q.shape
-    ps = [q.new_empty(j - i, r1 - r0, r1) for i, j, r0, r1 in _p_blocks(B, s)] if _keeps_p(q) else []
+    ps = [q.new_empty(j - i, r1 - r0, r1) for i, j, r0, r1 in _p_blocks(B, s)] if keep_p else []
     return q.new_empty(B, s, d), q.new_empty(B, s, 1), ps
 
 
@@ -252,12 +252,13 @@ def _(q, k, v, o, lse, do, ps):
 
 def _causal_setup_context(ctx, inputs, output) -> None:
     o, lse, ps = output
-    ctx.save_for_backward(*inputs, o, lse, *ps)
+    ctx.save_for_backward(*inputs[:3], o, lse, *ps)
 
 
 def _causal_op_backward(ctx, do: torch.Tensor, dlse, dps):
     q, k, v, o, lse, *ps = ctx.saved_tensors
-    return _causal_backward_op(q, k, v, o, lse, do, ps)  # L and P are internal: their grads are never used
+    dq, dk, dv = _causal_backward_op(q, k, v, o, lse, do, ps)  # L and P are internal: no grads of theirs
+    return dq, dk, dv, None
 
 
 _causal_op.register_autograd(_causal_op_backward, setup_context=_causal_setup_context)
@@ -273,9 +274,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     with torch.autocast(q.device.type, enabled=False):
         if dtype not in (torch.float32, torch.float64):
             q, k, v = q.float(), k.float(), v.float()
+        s, d = q.shape[-2:]
+        q3, k3, v3 = (t.reshape(-1, s, d) for t in (q, k, v))
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        keep = grad and _keeps_p(q3)  # no backward coming: no P to keep
         if torch.compiler.is_compiling():
-            s, d = q.shape[-2:]
-            o = _causal_op(*(t.reshape(-1, s, d) for t in (q, k, v)))[0].view(q.shape)
+            o = _causal_op(q3, k3, v3, keep)[0]
+        elif not grad:  # inference: no autograd.Function overhead
+            o = _causal_forward(q3, k3, v3, False)[0]
         else:
-            o = CausalAttentionFn.apply(q, k, v)
-        return o.to(dtype)
+            o = CausalAttentionFn.apply(q3, k3, v3, keep)
+        return o.view(q.shape).to(dtype)
