@@ -33,7 +33,8 @@ _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a
 _NO_RANK = 1 << 62
 _LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
 _MAX_PIECE = 64  # longer pre-tokens (e.g. unspaced scripts) are encoded but not cached: bounded memory
-_BULK = 512  # texts at least this long use the NumPy piece table (below, its fixed cost dominates)
+_BULK = 1 << 13  # texts at least this long use the NumPy piece table (~300 µs fixed cost per call;
+# measured crossover with the regex path: 4-16K chars)
 
 
 class _BpeCache(dict):
