@@ -2,7 +2,7 @@
 
 Open addressing with linear probing: every query starts at its home slot and all queries advance
 together, one vector step per probe, until they hit their key or an empty slot. The load factor is
-kept <= 1/4, so almost every query ends in the first step. NumPy has no hash map, and sorting plus
+kept <= 1/2 (1/4 after growing), so most queries end in the first step (measured: no faster at 1/8). NumPy has no hash map, and sorting plus
 `searchsorted` costs ~100 ns a query (a cache miss per halving) against ~10 ns here.
 """
 
@@ -63,10 +63,10 @@ class HashIndex:
     def put(self, *keys_and_values: np.ndarray) -> None:
         """put(k_1, ..., k_width, values): keys must be absent and distinct."""
         *keys, values = keys_and_values
-        if 4 * (self._size + len(values)) > len(self._vals):  # grow: re-place every entry
+        if 2 * (self._size + len(values)) > len(self._vals):  # grow: re-place every entry
             old = self._vals >= 0
             entries = [k[old] for k in self._keys] + [self._vals[old]]
-            self._alloc(8 * (self._size + len(values)))
+            self._alloc(4 * (self._size + len(values)))
             self._place(*entries)
         self._place(*keys, values)
 

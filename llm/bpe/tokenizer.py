@@ -29,6 +29,7 @@ from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
 
 CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
+_TABLE_LIMIT = 1 << 16  # new pre-tokens kept by the NumPy piece table (beyond the vocabulary's)
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
 _NO_RANK = 1 << 62
 _LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
@@ -138,7 +139,7 @@ class BpeTokenizer:
         self._cache = _BpeCache(self._bpe, whole)  # pre-token -> id chars (the regex path)
         batch = BatchBpe(self._byte_ids, self._rank_of, self._merged_id)
         whole_ids = {t.encode("utf-8"): ord(c) for t, c in whole.items()}
-        self._table = PieceTable(batch, self._cache.__getitem__, whole_ids, limit=_CACHE_LIMIT)
+        self._table = PieceTable(batch, self._cache.__getitem__, whole_ids, limit=_TABLE_LIMIT)
 
     # ------------------------------------------------------------------ properties
     @property
