@@ -98,7 +98,8 @@ def _supported(model: Transformer) -> bool:
     return sum(p.numel() * p.element_size() for p in params) <= MAX_BYTES
 
 
-@torch.no_grad()
+@torch.inference_mode(False)  # ordinary tensors even when first called under inference mode:
+@torch.no_grad()  # they outlive this call and may be read in any mode
 def _build(model: Transformer) -> _Weights:
     slots = _slots(model)
     sources = [params[name] for params, name in slots]
@@ -146,10 +147,12 @@ def _rstd(x: Tensor, eps: Tensor) -> Tensor:
     return torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
     """Logits (b vocab) of the next token after `tokens` (b,) int64, appended to `cache` at position
-    cache.length (every row at the same position: no padding), with `w = weights(model)`. Advances the cache."""
+    cache.length (every row at the same position: no padding), with `w = weights(model)`. Advances the cache.
+    Runs under inference mode (fewer dispatch steps per op): the logits are an inference tensor, which
+    functional ops accept anywhere; clone them before editing them in place outside inference mode."""
     b = tokens.shape[0]
     pos = cache.length
     if cache.batch != b:

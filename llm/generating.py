@@ -68,7 +68,16 @@ def _autocast(device: torch.device):
 
 
 def _forward(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool) -> Tensor:
-    """Logits of the last position (b v) float32. `mask` (b, cached + new) marks real tokens; None = no padding."""
+    """Logits of the last position (b v) float32. `mask` (b, cached + new) marks real tokens; None = no padding.
+
+    Runs under inference mode (cheaper per op than no_grad: no version counters, no view tracking), for the
+    cached and the recomputing path alike; the logits come back as an ordinary tensor that callers may edit."""
+    with torch.inference_mode():
+        logits = _forward_inference(model, ids, mask, cache, last_only=last_only)
+    return logits.clone()
+
+
+def _forward_inference(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool) -> Tensor:
     if last_only and mask is None and ids.shape[1] == 1 and isinstance(cache, KVCache):
         weights = decode_step.weights(model)
         if weights is not None:  # a plain decode step: the lean one-token path (same function, far fewer ops)
