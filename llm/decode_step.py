@@ -1,20 +1,21 @@
 """One decode step of `llm.transformer.Transformer` through its KV cache, with as few tensor ops as possible.
 
-A cached decode step multiplies one token by ~16 MB of weights (`demo`): on CPU the matmuls take ~0.5 ms,
-but going through the modules costs ~250 small ops (autograd-free, still each a Python call and an ATen
-dispatch). This path computes exactly the same function with ~25 ops per layer:
+A cached decode step multiplies one token by ~16 MB of weights (`demo`): on CPU those GEMVs take ~0.5 ms,
+but the module path runs ~350 small tensor ops around them (~900 ATen calls, each a Python call and a
+dispatch of a few µs), which cost more than the arithmetic. This path computes the same function with
+~170 ops (~330 ATen calls), about 40 per layer:
 
     x = E[t]                                                 (b d)
     per layer:  h = x · rstd(x)                              RMSNorm; its gain g1 is folded into W_qkv
-                [q | k | v] = h W_qkvᵀ                        one GEMV: W_qkv = [c·W_q; W_k; W_v] ⊙ g1,
+                [q | k | v] = h W_qkvᵀ                        one GEMV: W_qkv = [c·W_q; W_k; W_v] diag(g1),
                                                               c = 1/sqrt(d_head) (attention's scale)
                 q, k ← rotate (q, k) pairs by e^{iθ(pos)}     RoPE as one complex multiply
                 K[pos], V[pos] ← k, v                         written in place into the cache
                 o = softmax(q Kᵀ) V                           per K/V head, its g query heads as g rows
                 x = x + o W_oᵀ                                one addmm
-                h = x · rstd(x);  [a | b] = h W_13ᵀ           W_13 = [W_1; W_3] ⊙ g2
+                h = x · rstd(x);  [a | b] = h W_13ᵀ           W_13 = [W_1; W_3] diag(g2)
                 x = x + (silu(a) ⊙ b) W_2ᵀ                    one addmm
-    logits = x · rstd(x) W_headᵀ                             W_head = W_lm ⊙ g_final
+    logits = x · rstd(x) W_headᵀ                             W_head = W_lm diag(g_final)
 
 The merged weights are inference copies (stored transposed, (in out): the faster GEMV layout), built on first
 use and rebuilt whenever a parameter changes (in-place optimizer step, load_state_dict, `.to()`, or a new
@@ -22,8 +23,12 @@ Parameter object), so decoding from a model that keeps training stays correct. T
 of the non-embedding weights; models above `MAX_BYTES` of weights take the general path instead (there the
 matmuls dominate and the per-op overhead saved here hardly matters).
 
+Folding the gains and the scale into the weights changes only rounding (float64: equal to the torch.nn
+reference to 1e-10; float32: to the training path to 1e-5, tests/test_generating_decode_step.py).
 Only the plain case: one new token per row, no padding mask, fp32/fp64 weights, no autograd. Everything
-else (prefill, left-padded batches, bf16 models) goes through `Transformer.forward`.
+else (prefill, left-padded batches, bf16 models, subclasses) goes through `Transformer.forward`. On CUDA the
+step runs in the weights' dtype, not under bf16 autocast: at batch 1 it is bound by reading the weights, and
+autocast would re-cast every fp32 matrix on every call.
 """
 
 from __future__ import annotations
