@@ -216,8 +216,9 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None)
 
 def sample_top_k(logits: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
     """(b v) -> (b,): the token sample_from_logits(top_k_filter(logits, k)) draws (same generator state,
-    same inverse CDF in vocabulary order), computed on the k survivors instead of the whole vocabulary:
-    a handful of ops on (b k) instead of a mask, a softmax and a cumsum over (b v)."""
+    same inverse CDF in vocabulary order; only a draw within float rounding of a CDF step could differ),
+    computed on the k survivors instead of the whole vocabulary: a handful of ops on (b k) instead of a
+    mask, a softmax and a cumsum over (b v)."""
     vals, idx = logits.topk(k, dim=-1)  # sorted: vals[:, :1] is the row max
     weights = (vals - vals[:, :1]).exp_()  # exp(x - max): unnormalised probabilities
     idx, order = idx.sort(dim=-1)  # back to vocabulary order, as the full-vocabulary CDF runs
