@@ -17,11 +17,12 @@ dispatch of a few µs), which cost more than the arithmetic. This path computes 
                 x = x + (silu(a) ⊙ b) W_2ᵀ                    one addmm
     logits = x · rstd(x) W_headᵀ                             W_head = W_lm diag(g_final)
 
-The merged weights are inference copies (stored transposed, (in out): the faster GEMV layout), built on first
-use and rebuilt whenever a parameter changes (in-place optimizer step, load_state_dict, `.to()`, or a new
-Parameter object), so decoding from a model that keeps training stays correct. They cost about one more copy
-of the non-embedding weights; models above `MAX_BYTES` of weights take the general path instead (there the
-matmuls dominate and the per-op overhead saved here hardly matters).
+The merged weights are inference copies (stored transposed, (in out): the faster GEMV layout), made on the
+first decode step into a KV cache, remade whenever a parameter changes (in-place optimizer step,
+load_state_dict, `.to()`, or a new Parameter object), so decoding from a model that keeps training stays
+correct, and dropped with the cache at the end of the generation (~10 ms for `demo`, once per call). While
+they live they cost about one more copy of the non-embedding weights; models above `MAX_BYTES` of weights
+take the general path instead (there the matmuls dominate and the per-op overhead saved here hardly matters).
 
 Folding the gains and the scale into the weights changes only rounding (float64: equal to the torch.nn
 reference to 1e-10; float32: to the training path to 1e-5, tests/test_generating_decode_step.py).
@@ -58,6 +59,7 @@ class _Layer:
 
 @dataclass
 class _Weights:
+    model: Transformer  # the model the copies were made from
     slots: list[tuple[dict, str]]  # where each source parameter lives: (its module's _parameters, name)
     sources: list[Tensor]  # the parameters the copies were made from (held, so identity stays meaningful)
     versions: list[tuple[int, int]]  # (data_ptr, _version) of each source when copied
@@ -71,8 +73,10 @@ class _Weights:
     num_kv_heads: int = 0
     head_dim: int = 0
 
-    def current(self) -> bool:
-        """Same parameter objects, same storage, no in-place change since the copies were made (~15 µs)."""
+    def current(self, model: Transformer) -> bool:
+        """Same model, same parameter objects, same storage, no in-place change since the copies were made."""
+        if model is not self.model:
+            return False
         for (params, name), src, (ptr, ver) in zip(self.slots, self.sources, self.versions):
             p = params[name]
             if p is not src or p._version != ver or p.data_ptr() != ptr:
@@ -80,7 +84,9 @@ class _Weights:
         return True
 
 
-_WEIGHTS: weakref.WeakKeyDictionary[Transformer, _Weights] = weakref.WeakKeyDictionary()
+# Copies live as long as the KV cache they serve (one generation call), not as long as the model: a model
+# that is sampled from now and then during training does not carry a second copy of its weights between.
+_WEIGHTS: weakref.WeakKeyDictionary[KVCache, _Weights] = weakref.WeakKeyDictionary()
 
 
 def _slots(model: Transformer) -> list[tuple[dict, str]]:
@@ -103,12 +109,27 @@ def _supported(model: Transformer) -> bool:
     return sum(p.numel() * p.element_size() for p in params) <= MAX_BYTES
 
 
+def _stack_t(mats: list[Tensor], gain: Tensor | None = None, scales: list[float] | None = None) -> Tensor:
+    """[s_1 W_1; s_2 W_2; ...] diag(gain), transposed: (in, Σ out_i) contiguous, one pass per matrix."""
+    out = torch.empty(mats[0].shape[1], sum(m.shape[0] for m in mats), dtype=mats[0].dtype, device=mats[0].device)
+    col = 0
+    for i, m in enumerate(mats):
+        dst = out[:, col : col + m.shape[0]]
+        col += m.shape[0]
+        s = 1.0 if scales is None else scales[i]
+        if gain is None:
+            dst.copy_(m.t()) if s == 1.0 else torch.mul(m.t(), s, out=dst)
+        else:
+            torch.mul(m.t(), gain[:, None] if s == 1.0 else gain[:, None] * s, out=dst)
+    return out
+
+
 @torch.inference_mode(False)  # ordinary tensors even when first called under inference mode:
-@torch.no_grad()  # they outlive this call and may be read in any mode
+@torch.no_grad()  # they may be read in any mode while the cache lives
 def _build(model: Transformer) -> _Weights:
     slots = _slots(model)
     sources = [params[name] for params, name in slots]
-    w = _Weights(slots, sources, [(p.data_ptr(), p._version) for p in sources], _supported(model))
+    w = _Weights(model, slots, sources, [(p.data_ptr(), p._version) for p in sources], _supported(model))
     if not w.supported:
         return w
     attn0 = model.layers[0].attn
@@ -121,27 +142,31 @@ def _build(model: Transformer) -> _Weights:
     w.layers = []
     for layer in model.layers:
         a, f = layer.attn, layer.ffn
-        g1, g2 = layer.ln1.weight, layer.ln2.weight
-        qkv = torch.cat([a.q_proj.weight * c, a.k_proj.weight, a.v_proj.weight]) * g1
-        w13 = torch.cat([f.w1.weight, f.w3.weight]) * g2
-        w.layers.append(_Layer(qkv.t().contiguous(), a.output_proj.weight.t().contiguous(), w13.t().contiguous(),
-                               f.w2.weight.t().contiguous(), eps(layer.ln1), eps(layer.ln2)))
+        w.layers.append(_Layer(
+            w_qkv=_stack_t([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], layer.ln1.weight, [c, 1.0, 1.0]),
+            w_o=_stack_t([a.output_proj.weight]),
+            w_13=_stack_t([f.w1.weight, f.w3.weight], layer.ln2.weight),
+            w_2=_stack_t([f.w2.weight]),
+            eps1=eps(layer.ln1),
+            eps2=eps(layer.ln2),
+        ))
     w.embedding = model.token_embeddings.weight
-    w.w_head = (model.lm_head.weight * model.ln_final.weight).t().contiguous()
+    w.w_head = _stack_t([model.lm_head.weight], model.ln_final.weight)
     w.eps_final = eps(model.ln_final)
     w.rot = torch.complex(attn0.rope.cos.to(dtype), attn0.rope.sin.to(dtype))
     w.num_heads, w.num_kv_heads, w.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
     return w
 
 
-def weights(model: torch.nn.Module) -> _Weights | None:
-    """The inference copies of `model`'s weights (rebuilt if any parameter changed since they were made),
-    or None when this step does not apply to the model."""
+def weights(model: torch.nn.Module, cache: KVCache) -> _Weights | None:
+    """The inference copies of `model`'s weights for decoding into `cache` (made on the cache's first
+    decode step, remade if any parameter changed since, dropped with the cache), or None when this step
+    does not apply to the model."""
     if type(model) is not Transformer:
         return None
-    w = _WEIGHTS.get(model)
-    if w is None or not w.current():
-        w = _WEIGHTS[model] = _build(model)
+    w = _WEIGHTS.get(cache)
+    if w is None or not w.current(model):
+        w = _WEIGHTS[cache] = _build(model)
     return w if w.supported else None
 
 

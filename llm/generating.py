@@ -79,7 +79,7 @@ def _forward(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool)
 
 def _forward_inference(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool) -> Tensor:
     if last_only and mask is None and ids.shape[1] == 1 and isinstance(cache, KVCache):
-        weights = decode_step.weights(model)
+        weights = decode_step.weights(model, cache)
         if weights is not None:  # a plain decode step: the lean one-token path (same function, far fewer ops)
             return decode_step.decode_step(weights, ids[:, 0], cache).float()
     positions = None

@@ -4,6 +4,9 @@ for everything the step does not cover."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -31,9 +34,9 @@ def random_gains(model: torch.nn.Module) -> torch.nn.Module:
 
 def decode(model: Transformer, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits (b, s - prefill, v) of positions prefill.. by the fast step, after a general-path prefill."""
-    w = decode_step.weights(model)
-    assert w is not None
     cache = model.new_kv_cache(ids.shape[0])
+    w = decode_step.weights(model, cache)
+    assert w is not None
     with torch.no_grad():
         model.hidden(ids[:, :prefill], kv_cache=cache)
         out = [decode_step.decode_step(w, ids[:, t], cache) for t in range(prefill, ids.shape[1])]
@@ -72,14 +75,15 @@ def test_inference_weights_follow_parameter_changes() -> None:
         torch.testing.assert_close(decode(model, ids, 4), want, rtol=1e-5, atol=1e-5)
 
     check()
-    first = decode_step.weights(model)
-    assert decode_step.weights(model) is first  # unchanged parameters: the copies are reused
+    cache = model.new_kv_cache(1)
+    first = decode_step.weights(model, cache)
+    assert decode_step.weights(model, cache) is first  # unchanged parameters: the copies are reused
     opt = AdamW(model.parameters(), lr=1e-2)  # training continues: in-place updates of every parameter
     for _ in range(2):
         opt.zero_grad()
         model.loss(ids[:, :-1], ids[:, 1:]).backward()
         opt.step()
-    assert decode_step.weights(model) is not first
+    assert decode_step.weights(model, cache) is not first
     check()
     model.load_state_dict(Transformer(**CFG, num_kv_heads=2).state_dict())  # copy_ into the parameters
     check()
@@ -107,18 +111,35 @@ def test_generation_takes_the_fast_step_only_where_it_applies(monkeypatch) -> No
     list(iter_tokens(model, [[1, 2, 3], [4]], greedy, max_new_tokens=6))  # left padding: general path
     assert not calls
     list(iter_tokens(model.to(torch.bfloat16), [[1, 2, 3]], greedy, max_new_tokens=3))
-    assert not calls and decode_step.weights(model) is None
+    assert not calls and decode_step.weights(model, model.new_kv_cache(1)) is None
 
     class Wrapped(Transformer):  # a subclass may compute something else: never assume the layout
         pass
 
-    assert decode_step.weights(Wrapped(**CFG)) is None
+    wrapped = Wrapped(**CFG)
+    assert decode_step.weights(wrapped, wrapped.new_kv_cache(1)) is None
+
+
+def test_inference_copies_live_only_as_long_as_their_cache(monkeypatch) -> None:
+    """A model sampled from during training must not keep a second copy of its weights in between."""
+    monkeypatch.setattr(decode_step, "_WEIGHTS", weakref.WeakKeyDictionary())  # only this test's entries
+    model = Transformer(**CFG).eval()
+    list(iter_tokens(model, [[1, 2, 3]], SamplingConfig(temperature=0), max_new_tokens=6))
+    gc.collect()
+    assert len(decode_step._WEIGHTS) == 0
+    cache = model.new_kv_cache(1)
+    w = decode_step.weights(model, cache)
+    other = Transformer(**CFG).eval()  # the same cache used with another model gets that model's copies
+    assert decode_step.weights(other, cache) is not w and decode_step.weights(other, cache).model is other
+    del cache
+    gc.collect()
+    assert len(decode_step._WEIGHTS) == 0
 
 
 def test_decode_step_errors() -> None:
     model = Transformer(**CFG).eval()
-    w = decode_step.weights(model)
     cache = model.new_kv_cache(1, max_len=4)
+    w = decode_step.weights(model, cache)
     with torch.no_grad():
         model.hidden(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
         with pytest.raises(ValueError, match="KV cache full"):
