@@ -180,7 +180,7 @@ def _rstd(x: Tensor, eps: Tensor) -> Tensor:
 @torch.inference_mode()
 def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
     """Logits (b vocab) of the next token after `tokens` (b,) int64, appended to `cache` at position
-    cache.length (every row at the same position: no padding), with `w = weights(model)`. Advances the cache.
+    cache.length (every row at the same position: no padding), with `w = weights(model, cache)`. Advances it.
     Runs under inference mode (fewer dispatch steps per op): the logits are an inference tensor, which
     functional ops accept anywhere; clone them before editing them in place outside inference mode."""
     b = tokens.shape[0]
