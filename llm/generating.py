@@ -35,6 +35,8 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from llm import decode_step
+from llm.kv_cache import KVCache
 from llm.sampling import Hypothesis, SamplingConfig, beam_search, sample_next, token_counts
 
 EOT = "<|endoftext|>"
@@ -66,7 +68,20 @@ def _autocast(device: torch.device):
 
 
 def _forward(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool) -> Tensor:
-    """Logits of the last position (b v) float32. `mask` (b, cached + new) marks real tokens; None = no padding."""
+    """Logits of the last position (b v) float32. `mask` (b, cached + new) marks real tokens; None = no padding.
+
+    Runs under inference mode (cheaper per op than no_grad: no version counters, no view tracking), for the
+    cached and the recomputing path alike; the logits come back as an ordinary tensor that callers may edit."""
+    with torch.inference_mode():
+        logits = _forward_inference(model, ids, mask, cache, last_only=last_only)
+    return logits.clone()
+
+
+def _forward_inference(model, ids: Tensor, mask: Tensor | None, cache, *, last_only: bool) -> Tensor:
+    if last_only and mask is None and ids.shape[1] == 1 and isinstance(cache, KVCache):
+        weights = decode_step.weights(model, cache)
+        if weights is not None:  # a plain decode step: the lean one-token path (same function, far fewer ops)
+            return decode_step.decode_step(weights, ids[:, 0], cache).float()
     positions = None
     if mask is not None:  # left padding: each row's first real token is position 0
         positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1] :]
