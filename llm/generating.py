@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from llm import decode_step
+from llm.hardware import THREADS_HELP, set_threads
 from llm.kv_cache import KVCache
 from llm.sampling import Hypothesis, SamplingConfig, beam_search, sample_next, token_counts
 
@@ -646,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (for comparison)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--interactive", action="store_true", help="REPL: type prompts, /temp /topk /topp /reset /quit")
     return p
 
@@ -664,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         if not args.interactive and not args.prompt:
             raise ValueError("empty prompt: pass --prompt TEXT (or --interactive)")
+        set_threads(args.threads)
         model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)
         slid = []
 
