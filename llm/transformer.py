@@ -306,7 +306,8 @@ def attn_inputs(
         if groups > 1:
             mask = mask.repeat(*(1,) * (mask.dim() - 2), groups, 1)
     rot = None
-    if cos is not None and not torch.is_grad_enabled():
+    # compiled: no complex tensors (Inductor cannot fuse them); each layer's rope() rotates in real math
+    if cos is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         rot = rotation(cos, sin, 1.0, cos.dtype if cos.dtype == torch.float64 else torch.float32)
     return AttnInputs(cos, sin, mask, causal, rot)
 

@@ -1,5 +1,6 @@
-"""Attention: gradcheck of the general (masked) and the chunked causal Function, and forward/grads
-against F.scaled_dot_product_attention through torch autograd."""
+"""Attention: gradcheck of the general (masked) and the chunked causal Function (P kept from the forward
+and P recomputed), of the custom ops that torch.compile calls, and forward/grads against
+F.scaled_dot_product_attention through torch autograd."""
 
 import pytest
 import torch
@@ -22,11 +23,37 @@ def test_gradcheck_general_with_mask() -> None:
     assert torch.autograd.gradcheck(lambda q, k, v: scaled_dot_product_attention(q, k, v, mask), (q, k, v))
 
 
-def test_gradcheck_causal_chunked(monkeypatch) -> None:
+@pytest.mark.parametrize("save_p", [0, 1 << 20], ids=["recompute_p", "keep_p"])
+def test_gradcheck_causal_chunked(monkeypatch, save_p) -> None:
     monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 2 * 2 * 5)  # several (b·h) chunks, ragged last one
     monkeypatch.setattr(attention_mod, "QUERY_BLOCK", 2)  # query blocks (0,2), (2,4), (4,5)
+    monkeypatch.setattr(attention_mod, "SAVE_P_BYTES", save_p)
     q, k, v = (torch.randn(1, 5, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert attention_mod._keeps_p(q[0]) == bool(save_p)
     assert torch.autograd.gradcheck(causal_attention, (q, k, v))
+    with torch.no_grad():  # inference keeps no P (there is no backward), same output
+        torch.testing.assert_close(causal_attention(q, k, v), causal_attention(q.detach(), k.detach(), v.detach()))
+
+
+@pytest.mark.parametrize("save_p", [0, 1 << 20], ids=["recompute_p", "keep_p"])
+def test_compiled_path_custom_ops(monkeypatch, save_p) -> None:
+    """Under torch.compile causal_attention calls the llm::causal_attention custom ops (same forward and
+    backward code, registered autograd): checked here in eager by pretending to compile, plus opcheck
+    (schema, fake tensors, autograd registration, AOT dispatch) without running Inductor (slow)."""
+    monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 2 * 3 * 7)
+    monkeypatch.setattr(attention_mod, "QUERY_BLOCK", 3)  # 7 queries: blocks of 3, 3, 1
+    monkeypatch.setattr(attention_mod, "SAVE_P_BYTES", save_p)
+    q, k, v = (torch.randn(2, 2, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, 2, 7, 4, dtype=torch.float64)
+    eager = _grads(causal_attention, q, k, v, do)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.autograd.gradcheck(causal_attention, (q, k, v))
+        compiled = _grads(causal_attention, q, k, v, do)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same code: bit-identical
+    q3, k3, v3 = (t.detach().reshape(4, 7, 4).float().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_mod._causal_op, (q3, k3, v3, bool(save_p)))
 
 
 def _grads(fn, q, k, v, do):

@@ -49,6 +49,30 @@ def test_matches_f_cross_entropy(ref_snapshot, monkeypatch) -> None:
         torch.testing.assert_close(linear_cross_entropy(h, w, t), stored["fused"], rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_path_custom_op(monkeypatch) -> None:
+    """Under torch.compile linear_cross_entropy calls the llm::linear_cross_entropy custom op (the same
+    chunked loop, registered autograd): gradcheck and equality with the Function in eager by pretending
+    to compile, and opcheck (schema, fake tensors, autograd registration, AOT dispatch)."""
+    monkeypatch.setattr(ce_mod, "FUSED_CHUNK", 4)  # 6 tokens: chunks of 4 and 2; repeated targets
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1, 1, 4], [0, 1, 1]])
+    eager = (lambda loss: (loss, *torch.autograd.grad(2.5 * loss, (h, w))))(linear_cross_entropy(h, w, t))
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.autograd.gradcheck(lambda h, w: 2.5 * linear_cross_entropy(h, w, t), (h, w))
+        loss = linear_cross_entropy(h, w, t)
+        compiled = (loss, *torch.autograd.grad(2.5 * loss, (h, w)))
+        with torch.no_grad():
+            torch.testing.assert_close(linear_cross_entropy(h, w, t), eager[0], rtol=0, atol=0)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    h2 = h.detach().reshape(6, 4).float().requires_grad_()
+    w2 = w.detach().float().requires_grad_()
+    torch.library.opcheck(ce_mod._lce_op, (h2, w2, t.reshape(-1), True))
+    torch.library.opcheck(ce_mod._lce_op, (h2.detach(), w2.detach(), t.reshape(-1), False))
+
+
 def test_errors() -> None:
     with pytest.raises(ValueError, match="integer"):
         cross_entropy(torch.randn(3, 5), torch.zeros(3))

@@ -56,40 +56,56 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 FUSED_CHUNK = 512
 
 
+def _linear_cross_entropy(
+    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dh, dw) for h (n d), W (vocab d), targets (n): the chunked loop, shared by the Function and
+    the custom op. dh, dw are the gradients for dloss = 1 (empty when not need_grad)."""
+    ct = torch.promote_types(torch.float32, torch.promote_types(h2.dtype, weight.dtype))
+    hf, w = h2.to(ct), weight.to(ct)
+    t = t.long()
+    n, vocab = hf.shape[0], w.shape[0]
+    chunk = max(1, min(n, FUSED_CHUNK))
+    buf = torch.empty(chunk, vocab, device=h2.device, dtype=ct)
+    loss = torch.zeros((), device=h2.device, dtype=ct)
+    if need_grad:
+        dh = torch.empty_like(hf)
+        dw = torch.empty_like(w)
+    for i in range(0, n, chunk):
+        j = min(n, i + chunk)
+        z = buf[: j - i]
+        torch.mm(hf[i:j], w.t(), out=z)
+        ti = t[i:j]
+        m = z.amax(-1, keepdim=True)
+        loss -= z.gather(-1, ti[:, None]).sum()
+        z.sub_(m).exp_()  # E = exp(z − m)
+        s = z.sum(-1, keepdim=True)
+        loss += (s.log() + m).sum()
+        if need_grad:
+            # G = r ⊙ E − onehot/N with r = 1/(N·s) per row. The row scale and the one-hot go on the
+            # small (rows d) operands and results, not on the (rows vocab) E: one pass over it fewer.
+            #   dh = G W    = r ⊙ (E W) − W[t]/N
+            #   dW = Gᵀ h   = Eᵀ (r ⊙ h) − scatter_t(h)/N
+            r = s.reciprocal_().mul_(1.0 / n)
+            torch.mm(z, w, out=dh[i:j]).mul_(r).sub_(w.index_select(0, ti), alpha=1.0 / n)
+            hr = hf[i:j] * r
+            if i == 0:
+                torch.mm(z.t(), hr, out=dw)  # first chunk: no zero fill
+            else:
+                dw.addmm_(z.t(), hr)
+            dw.index_add_(0, ti, hf[i:j], alpha=-1.0 / n)
+    if not need_grad:
+        dh, dw = h2.new_empty(0), weight.new_empty(0)
+    return (loss / n).to(h2.dtype), dh.to(h2.dtype), dw.to(weight.dtype)
+
+
 class LinearCrossEntropyFn(Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> torch.Tensor:
-        d = h.shape[-1]
-        hf = h.reshape(-1, d)
-        ct = torch.promote_types(torch.float32, torch.promote_types(h.dtype, weight.dtype))
-        hf, w = hf.to(ct), weight.to(ct)
-        t = targets.reshape(-1).long()
-        n, vocab = hf.shape[0], w.shape[0]
-        chunk = min(n, FUSED_CHUNK)
-        buf = torch.empty(chunk, vocab, device=h.device, dtype=ct)
-        loss = torch.zeros((), device=h.device, dtype=ct)
+        loss, dh, dw = _linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)
         if need_grad:
-            dh = torch.empty_like(hf)
-            dw = torch.zeros_like(w)
-            minus_one = torch.full((chunk, 1), -1.0 / n, device=h.device, dtype=ct)
-        for i in range(0, n, chunk):
-            j = min(n, i + chunk)
-            z = buf[: j - i]
-            torch.mm(hf[i:j], w.t(), out=z)
-            ti = t[i:j, None]
-            m = z.amax(-1, keepdim=True)
-            loss -= z.gather(-1, ti).sum()
-            z.sub_(m).exp_()
-            s = z.sum(-1, keepdim=True)
-            loss += (s.log() + m).sum()
-            if need_grad:
-                z.mul_(s.reciprocal_().mul_(1.0 / n))  # softmax / N
-                z.scatter_add_(-1, ti, minus_one[: j - i])  # − onehot / N
-                torch.mm(z, w, out=dh[i:j])
-                dw.addmm_(z.t(), hf[i:j])
-        if need_grad:
-            ctx.save_for_backward(dh.view(h.shape).to(h.dtype), dw.to(weight.dtype))
-        return (loss / n).to(h.dtype)
+            ctx.save_for_backward(dh.view(h.shape), dw)
+        return loss
 
     @staticmethod
     def backward(ctx, dloss: torch.Tensor):
@@ -101,9 +117,41 @@ class LinearCrossEntropyFn(Function):
         return dh * dloss, dw * dloss, None, None
 
 
+# The same loop as an opaque custom op for torch.compile: Dynamo would unroll the chunk loop and Inductor
+# allocate a fresh logits buffer per chunk; as an op the compiled graph keeps our loop and fuses the
+# rest. Backward is dloss · (dh, dw), which Inductor compiles. Eager keeps LinearCrossEntropyFn.
+@torch.library.custom_op("llm::linear_cross_entropy", mutates_args=())
+def _lce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_cross_entropy(h, weight, targets, need_grad)
+
+
+@_lce_op.register_fake
+def _(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool):
+    if not need_grad:
+        return h.new_empty(()), h.new_empty(0), weight.new_empty(0)
+    return h.new_empty(()), h.new_empty(h.shape), weight.new_empty(weight.shape)
+
+
+def _lce_setup_context(ctx, inputs, output) -> None:
+    ctx.need_grad = inputs[3]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _lce_op_backward(ctx, dloss: torch.Tensor, ddh, ddw):
+    if not ctx.need_grad:  # called with need_grad=False (no grad mode): nothing was computed
+        return None, None, None, None
+    dh, dw = ctx.saved_tensors
+    return dh * dloss, dw * dloss, None, None
+
+
+_lce_op.register_autograd(_lce_op_backward, setup_context=_lce_setup_context)
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """cross_entropy(h Wᵀ, targets) for h (... d), W (vocab d), without materialising all logits."""
     _check_targets(torch.Size((*h.shape[:-1], weight.shape[0])), targets)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(h.device.type, enabled=False):  # out= buffers; loss statistics in fp32
+        if torch.compiler.is_compiling():
+            return _lce_op(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)[0]
         return LinearCrossEntropyFn.apply(h, weight, targets, need_grad)

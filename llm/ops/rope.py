@@ -63,17 +63,32 @@ def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return y if dtype in _COMPLEX_OK else y.to(dtype)
 
 
+def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """The same rotation (by ±θ) in real arithmetic, for torch.compile: Inductor generates no code for
+    complex tensors (it would copy x into a complex layout, call the eager kernel and copy back), while
+    this is one fused elementwise kernel. Eager keeps the complex multiply (one op)."""
+    ct = _real_dtype(x)  # bf16 in, fp32 rotation (as the complex path does)
+    x0, x1 = x.to(ct).unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos.to(ct), sin.to(ct) * sign
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+
+
 class RopeFn(Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.x_shape = x.shape
+        if torch.compiler.is_compiling():
+            return _rotate_real(x, cos, sin, 1.0)
         return _rotate(x, rotation(cos, sin, 1.0, _real_dtype(x)))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        dx = _rotate(dy, rotation(cos, sin, -1.0, _real_dtype(dy)))
+        if torch.compiler.is_compiling():
+            dx = _rotate_real(dy, cos, sin, -1.0)
+        else:
+            dx = _rotate(dy, rotation(cos, sin, -1.0, _real_dtype(dy)))
         if dx.shape != ctx.x_shape:  # x was broadcast against wider position tables
             dx = dx.sum_to_size(ctx.x_shape)
         return dx, None, None
@@ -84,5 +99,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even last dimension, got {x.shape[-1]}")
     if not torch.is_grad_enabled():  # inference: the same math without autograd.Function overhead
+        if torch.compiler.is_compiling():
+            return _rotate_real(x, cos, sin, 1.0)
         return _rotate(x, rotation(cos, sin, 1.0, _real_dtype(x)))
     return RopeFn.apply(x, cos, sin)
