@@ -198,6 +198,8 @@ CATEGORIES = [
 
 def _categorize(name: str) -> str:
     low = name.lower()
+    if "compiledfxgraph" in low:  # self time of a compiled graph = its Inductor-generated fused kernels
+        return "inductor kernels"
     if not low.startswith("aten::"):
         return "python/autograd"
     op = low[len("aten::"):]
