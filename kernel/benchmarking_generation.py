@@ -6,8 +6,9 @@
 
 Random weights (speed does not depend on what the model learnt). Reports:
 - prefill tokens/s: the prompt in one forward pass into a fresh cache (batch 1),
-- decode tokens/s, batch 1: new tokens after the first, with the KV cache and with full recomputation
-  (the whole window through the model every step), and their ratio,
+- decode tokens/s, batch 1: new tokens after the first, with the KV cache (llm.decode_step's one-token step)
+  and with full recomputation (the whole window through Transformer.forward every step), and their ratio;
+  both through llm.generating.iter_tokens, so both sample alike and run under inference mode,
 - batch-8 throughput with the cache (8 rows x new tokens / time).
 With the `demo` preset's 256-token context, 64 + 512 tokens outgrow the window: both paths slide it the same
 way (llm.generating keeps the last 3/4 and re-prefills), and the cached timings include those re-prefills.

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from llm.generating import _autocast, _context_length, _device, _vocab_size
+from llm.hardware import THREADS_HELP, set_threads
 
 
 def token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -150,12 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
     try:
         from llm.checkpoint import read_checkpoint
         from llm.generating import load_model
 
+        set_threads(args.threads)
         if args.max_tokens is not None and args.max_tokens < 2:
             raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)

@@ -52,3 +52,15 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, o
                 return table[dtype], f"data sheet ({key})"
         return float("nan"), f"unknown GPU {name!r}: pass --peak-flops"
     return measure_cpu_matmul_flops(), "measured fp32 matmul"
+
+
+THREADS_HELP = "CPU threads for torch (default: torch's); 1 is faster when the machine is busy"
+
+
+def set_threads(n: int | None) -> None:
+    """Apply a --threads option: two threads fighting over one free core run several times slower than one."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)

@@ -164,6 +164,16 @@ def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     return logits.masked_fill(~keep, NEG_INF)
 
 
+def _penalize(logits: Tensor, cfg: SamplingConfig, context_counts: Tensor | None, generated_counts: Tensor | None) -> Tensor:
+    """The penalties of process_logits (float32 logits out)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and context_counts is not None:
+        logits = apply_repetition_penalty(logits, context_counts, cfg.repetition_penalty)
+    if generated_counts is not None:
+        logits = apply_frequency_presence_penalty(logits, generated_counts, cfg.frequency_penalty, cfg.presence_penalty)
+    return logits
+
+
 def process_logits(
     logits: Tensor,
     cfg: SamplingConfig,
@@ -173,11 +183,7 @@ def process_logits(
     """Apply every configured processor to logits (b v) (float32). `context_counts` (b v): occurrences in
     prompt + completion (repetition penalty, as Hugging Face); `generated_counts` (b v): occurrences in the
     completion only (frequency/presence penalties, as OpenAI)."""
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and context_counts is not None:
-        logits = apply_repetition_penalty(logits, context_counts, cfg.repetition_penalty)
-    if generated_counts is not None:
-        logits = apply_frequency_presence_penalty(logits, generated_counts, cfg.frequency_penalty, cfg.presence_penalty)
+    logits = _penalize(logits, cfg, context_counts, generated_counts)
     if cfg.greedy:
         return logits  # filters cannot change the argmax
     logits = apply_temperature(logits, cfg.temperature)
@@ -208,6 +214,20 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None)
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 
+def sample_top_k(logits: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """(b v) -> (b,): the token sample_from_logits(top_k_filter(logits, k)) draws (same generator state,
+    same inverse CDF in vocabulary order; only a draw within float rounding of a CDF step could differ),
+    computed on the k survivors instead of the whole vocabulary: a handful of ops on (b k) instead of a
+    mask, a softmax and a cumsum over (b v)."""
+    vals, idx = logits.topk(k, dim=-1)  # sorted: vals[:, :1] is the row max
+    weights = (vals - vals[:, :1]).exp_()  # exp(x - max): unnormalised probabilities
+    idx, order = idx.sort(dim=-1)  # back to vocabulary order, as the full-vocabulary CDF runs
+    cdf = weights.gather(-1, order).cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    j = torch.searchsorted(cdf, u, right=True).clamp_(max=k - 1)
+    return idx.gather(-1, j).squeeze_(-1)
+
+
 def sample_next(
     logits: Tensor,
     cfg: SamplingConfig,
@@ -216,6 +236,10 @@ def sample_next(
     generated_counts: Tensor | None = None,
 ) -> Tensor:
     """One sampling step: (b v) logits -> (b,) int64 next tokens."""
+    if not cfg.greedy and cfg.top_p is None and cfg.min_p is None and cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        # top-k is the only filter: draw among the k survivors directly (the same token, fewer ops)
+        scaled = apply_temperature(_penalize(logits, cfg, context_counts, generated_counts), cfg.temperature)
+        return sample_top_k(scaled, cfg.top_k, generator)
     processed = process_logits(logits, cfg, context_counts, generated_counts)
     return greedy(processed) if cfg.greedy else sample_from_logits(processed, generator)
 

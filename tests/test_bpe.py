@@ -268,8 +268,8 @@ def test_whitespace_set_is_regex_backslash_s() -> None:
 
 
 def test_encode_fast_path_matches_tiktoken_on_whitespace_soup(trained, ref_snapshot) -> None:
-    """The split-on-space fast path (and its caches) against tiktoken over many messy strings,
-    encoded one after another by the same tokenizer so cached pieces meet new contexts."""
+    """The regex path (and its cache) against tiktoken over many messy strings, encoded one after
+    another by the same tokenizer so cached pieces meet new contexts; glued, the NumPy path."""
     tik = tiktoken_for(trained)
     alphabet = [" ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\x0b", "\x0c", "\u00a0", "\u3000", "\u2028",
                 "a", "the", "The", "and", "'s", "'ll", "'", "7", "42", ",", ".", "!?", "ü", "日本", "🙂", EOT]
@@ -432,13 +432,13 @@ def test_specials_with_spaces_encode_and_stream(trained) -> None:
 
 
 def test_word_and_punctuation_specials_in_bulk_fill_match_tiktoken(trained) -> None:
-    """Specials that look like an ASCII word or punctuation ("hello", "...") inside many new
-    pieces at once (the bulk cache fill and its word / word+punctuation shortcuts) stay special."""
+    """Specials that look like an ASCII word or punctuation ("hello", "...") stay special, on the
+    regex path and (glued into one long text) on the NumPy path."""
     rng = random.Random(5)
     words = ["alpha", "beta", "data.", "hello", "hello,", "say", "x", "a.", "...", EOT, "foo...", "z" + EOT, "a.b"]
     for special in ["hello", "...", "a."]:
         tok = BpeTokenizer(trained.vocab, trained.merges, [EOT, special])
         tik = tiktoken_for(tok)
-        for _ in range(20):
-            s = " ".join(rng.choice(words) + rng.choice(["", "q", ".", ";'"]) for _ in range(60))
+        texts = [" ".join(rng.choice(words) + rng.choice(["", "q", ".", ";'"]) for _ in range(60)) for _ in range(20)]
+        for s in texts + ["".join(texts)]:
             assert tok.encode(s) == tik.encode(s, allowed_special="all"), (special, s)

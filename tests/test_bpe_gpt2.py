@@ -89,6 +89,22 @@ def test_random_unicode_matches_tiktoken_and_roundtrips(gpt2, tik) -> None:
         assert gpt2.decode(ids) == s
 
 
+def test_bulk_path_matches_tiktoken(gpt2, tik, monkeypatch) -> None:
+    """The NumPy piece-table path with GPT-2's vocabulary (byte ids != byte values, whole-token
+    shortcut), in tiny blocks so every text crosses several."""
+    import llm.bpe.piece_table as piece_table
+    import llm.bpe.tokenizer as tokenizer_mod
+
+    monkeypatch.setattr(tokenizer_mod, "_BULK", 0)
+    monkeypatch.setattr(piece_table, "_BLOCK", 48)
+    monkeypatch.setattr(piece_table, "_BATCH", 200)
+    tok = BpeTokenizer(gpt2.vocab, gpt2.merges, [EOT])
+    rng = random.Random(8)
+    texts = list(TEXTS.values()) + ["".join(chr(rng.randint(0x20, 0x2FF)) for _ in range(200)) for _ in range(20)]
+    for s in texts + ["".join(texts)]:
+        assert tok.encode(s) == tik.encode(s, allowed_special="all"), repr(s)
+
+
 def test_save_load_gpt2_roundtrip(gpt2, tmp_path) -> None:
     tok = BpeTokenizer.load(gpt2.save(tmp_path / "gpt2"))
     assert tok.vocab == gpt2.vocab and tok.merges == gpt2.merges and tok.token_id(EOT) == 50256

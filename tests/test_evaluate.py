@@ -118,6 +118,7 @@ def test_cli_json_on_npy_text_and_the_runs_val_split(run, capsys) -> None:
         (["--data", "missing.npy"], "not found"),
         (["--stride", "99"], "stride must be in"),
         (["--max-tokens", "1"], "--max-tokens must be >= 2"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_errors_are_one_line(run, capsys, extra, message) -> None:

@@ -344,6 +344,7 @@ def test_stream_rejects_bad_input_before_the_first_piece() -> None:
         (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["--prompt", "x", "--top-k", "0"], "top_k must be a positive integer"),
         (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_bad_settings_one_error_line(run_dir: Path, capsys, extra, message) -> None:

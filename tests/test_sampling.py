@@ -218,6 +218,20 @@ def test_sampling_only_draws_kept_tokens_and_is_reproducible() -> None:
     assert allowed.gather(1, a[:, None]).all()
 
 
+def test_top_k_sampling_draws_what_the_full_vocabulary_sampler_draws() -> None:
+    """sample_next's top-k-only shortcut (k survivors instead of the whole vocabulary) draws exactly the
+    token that filtering the vocabulary and inverting its CDF draws, from the same generator state."""
+    x = fixed_logits(b=2000, v=300, seed=3)
+    x[:, ::7] = float("-inf")  # masked ids (e.g. past the tokenizer's vocab) may fall inside the top k
+    counts = torch.randint(0, 3, x.shape, generator=torch.Generator().manual_seed(4)).float()
+    for cfg in (SamplingConfig(temperature=0.7, top_k=20),
+                SamplingConfig(temperature=1.0, top_k=1),
+                SamplingConfig(temperature=1.3, top_k=299, frequency_penalty=0.5, presence_penalty=0.3)):
+        want = sample_from_logits(process_logits(x, cfg, generated_counts=counts), torch.Generator().manual_seed(5))
+        got = sample_next(x, cfg, torch.Generator().manual_seed(5), generated_counts=counts)
+        assert torch.equal(got, want), cfg
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

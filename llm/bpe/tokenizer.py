@@ -3,38 +3,39 @@
 Encoding = split on special tokens (longest first) -> GPT-2 pre-tokens -> per pre-token, apply the
 merges by rank (lowest rank first), which is the canonical BPE result.
 
-Speed: text repeats its words, so results are cached, and the hot path avoids the regex entirely:
-`text.split(" ")` gives pieces, and a piece that ends in a non-space character is preceded and
-followed by *safe cuts* (see pretokenize.py), so " " + piece always pre-tokenises, hence encodes,
-the same way. A dict maps such pieces to their ids; only unknown pieces, and runs of pieces glued
-by whitespace (empty pieces from double spaces, pieces ending in a newline), go through the regex.
-Ids are carried as one character per id (chr(id)), so joining and converting are single C calls.
+Speed: a short text goes through the regex and a dict cache (pre-token -> ids); a long one through
+piece_table.py, which pre-tokenises whole blocks in NumPy and looks all their pre-tokens up at once,
+so BPE runs once per distinct pre-token. Ids are carried as one character per id (chr(id)) on the
+str paths, so joining and converting are single C calls.
 """
 
 from __future__ import annotations
 
 import heapq
-from contextlib import suppress
 import json
-from array import array
 import os
-import string
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import compress, repeat
-from operator import not_
+from contextlib import suppress
+from itertools import repeat
 from pathlib import Path
 
+import numpy as np
+
+from llm.bpe.batch_bpe import BatchBpe
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
-from llm.bpe.pretokenize import WHITESPACE, pretokenize, rfind_cut, special_splitter
+from llm.bpe.piece_table import PieceTable
+from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
 
 CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
+_TABLE_LIMIT = 1 << 16  # new pre-tokens kept by the NumPy piece table (beyond the vocabulary's)
 _STREAM_MIN = 1 << 16  # chars buffered by encode_iterable before it looks for a cut
 _NO_RANK = 1 << 62
 _LONG_WORD = 64  # pre-tokens longer than this (in bytes) use the O(n log n) heap BPE
-_MAX_PIECE = 64
-_PUNCT = string.punctuation  # ASCII chars outside \s, \p{L}, \p{N}
-_BLOCK = 1 << 15  # chars per fast-path call  # longer pieces (e.g. unspaced scripts) are encoded but not cached: bounded memory
+_MAX_PIECE = 64  # longer pre-tokens (e.g. unspaced scripts) are encoded but not cached: bounded memory
+_BULK = 1 << 13  # texts at least this long use the NumPy piece table (~300 µs fixed cost per call;
+# measured crossover with the regex path: 4-16K chars)
 
 
 class _BpeCache(dict):
@@ -49,6 +50,10 @@ class _BpeCache(dict):
         if len(word) <= _MAX_PIECE:  # long pre-tokens are rare; caching them could cost MBs each
             self[word] = ids
         return ids
+
+
+def _chars_to_array(chars: str) -> np.ndarray:
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -117,12 +122,6 @@ class BpeTokenizer:
                 self.vocab[sid] = sb
             self._special_ids[s] = sid
         self._split = special_splitter(self.special_tokens)
-        self._space_in_specials = any(" " in t for t in self.special_tokens)
-        # joins pieces so that one search finds those holding a special (see _fill_pieces)
-        self._special_free_char = next(
-            c for c in map(chr, range(0x110000)) if not any(c in t for t in self.special_tokens)
-        )
-
         size = max(self.vocab, default=-1) + 1
         self._decode_table: list[bytes | None] = [None] * size
         for i, t in self.vocab.items():
@@ -137,13 +136,10 @@ class BpeTokenizer:
             with suppress(UnicodeDecodeError):
                 whole.setdefault(self.vocab[i].decode("utf-8"), chr(i))
         self._whole = whole
-        # " " + an ASCII word is one pre-token, so a piece "word" whose " word" is a token is known too
-        self._whole_pieces = {
-            t[1:]: c for t, c in whole.items() if t[:1] == " " and t[1:].isascii() and t[1:].isalpha()
-            and not (self._split and self._split.search(t[1:]))  # an ASCII-word special stays special
-        }
-        self._cache = _BpeCache(self._bpe, whole)  # pre-token -> id chars
-        self._pieces: dict[str, str] = dict(self._whole_pieces)  # space-split piece -> id chars of " " + piece
+        self._cache = _BpeCache(self._bpe, whole)  # pre-token -> id chars (the regex path)
+        batch = BatchBpe(self._byte_ids, self._rank_of, self._merged_id)
+        whole_ids = {t.encode("utf-8"): ord(c) for t, c in whole.items()}
+        self._table = PieceTable(batch, self._cache.__getitem__, whole_ids, limit=_TABLE_LIMIT)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -221,6 +217,9 @@ class BpeTokenizer:
 
     def _encode_unit(self, text: str) -> str:
         """Id chars of a text that starts and ends at safe cuts (the regex path, specials kept)."""
+        if len(self._cache) > _CACHE_LIMIT:  # bounded memory: start again from the vocabulary
+            self._cache.clear()
+            self._cache.update(self._whole)
         get = self._cache.__getitem__
         if self._split is None:
             return "".join(map(get, pretokenize(text)))
@@ -232,159 +231,30 @@ class BpeTokenizer:
                 out.append("".join(map(get, pretokenize(part))))
         return "".join(out)
 
-    def _fill_pieces(self, new: set[str]) -> None:
-        """Cache the ids of " " + piece for many new pieces (cold path, all in bulk).
-
-        Pieces holding a special token are encoded one by one (special-aware). Of the others, an
-        ASCII word is one pre-token with its space, and an ASCII word followed by punctuation
-        ("earth.", "LORD;'") is two: " word" and the punctuation run (no pattern joins letters to
-        punctuation, and `'s`-style contractions need a letter after the quote). The rest are
-        joined by a whitespace separator absent from all of them and pre-tokenised in one regex
-        pass: between a unit that ends in a non-space and one that starts with " " + non-space,
-        GPT-2's regex makes the separator a pre-token of its own, so the ids split back into units
-        at its id.
-        """
-        ws = WHITESPACE
-        todo = [p for p in new if p and p[0] not in ws and p[-1] not in ws and len(p) <= _MAX_PIECE]
-        if not todo:
-            return
-        pieces, unit = self._pieces, self._encode_unit
-        if self._split is not None:  # pieces holding a special token (rare): found in one search
-            sep = self._special_free_char  # so no match straddles two pieces
-            joined = sep.join(todo)
-            hit, k, at = set(), 0, 0
-            for m in self._split.finditer(joined):  # piece index = separators before the match
-                k += joined.count(sep, at, m.start())
-                at = m.start()
-                hit.add(k)
-            for k in sorted(hit, reverse=True):
-                pieces[todo[k]] = unit(" " + todo[k])
-                del todo[k]
-        words, other = [], []
-        get = self._cache.__getitem__
-        for p in todo:
-            if p.isascii():
-                if p.isalpha():
-                    words.append(p)
-                    continue
-                h = p.rstrip(_PUNCT)
-                if not h:  # all punctuation: one pre-token with its space
-                    pieces[p] = get(" " + p)
-                    continue
-                if h.isalpha():
-                    pieces[p] = get(" " + h) + get(p[len(h) :])
-                    continue
-            other.append(p)
-        if words:
-            pieces.update(zip(words, map(get, map(" ".__add__, words))))
-        if not other:
-            return
-        joined = " ".join(other)
-        sep = next((c for c in "\x0c\x0b\r\t\n" if c not in joined), None)
-        if sep is None:  # every separator occurs in the text: one unit at a time
-            pieces.update(zip(other, map(unit, map(" ".__add__, other))))
-            return
-        ids = unit(" " + (sep + " ").join(other))
-        parts = ids.split(self._cache[sep])
-        assert len(parts) == len(other)
-        pieces.update(zip(other, parts))
-
-    def _encode_ordinary(self, text: str) -> str:
-        """Id chars of a text without special tokens (the split-on-space fast path)."""
-        if len(self._cache) > _CACHE_LIMIT or len(self._pieces) > _CACHE_LIMIT:
-            self._cache.clear()
-            self._pieces.clear()
-            self._cache.update(self._whole)
-            self._pieces.update(self._whole_pieces)
-        pieces = text.split(" ")
-        cache = self._pieces
-        # "" marks work to do (no unit encodes to ""); comparing str to "" is far cheaper than to None
-        vals: list[str] = list(map(cache.get, pieces, repeat("")))
-        vals[0] = ""  # the first piece has no leading space
-        if vals.count("") > 1:  # new pieces: fill the cache in bulk, then look just those up again
-            todo = list(compress(range(len(pieces)), map(not_, vals)))  # C speed
-            at = pieces.__getitem__
-            self._fill_pieces(set(map(at, todo)))
-            for i, v in zip(todo, map(cache.get, map(at, todo), repeat(""))):
-                vals[i] = v
-            vals[0] = ""
-        else:
-            todo = (0,)
-        n = len(pieces)
-        ws = WHITESPACE
-        done = -1  # pieces up to here are glued into an earlier unit
-        for i in todo:
-            if i <= done or vals[i]:
-                continue
-            # a unit runs until a piece that ends in a non-space char (a safe cut follows it)
-            j = i
-            while j + 1 < n and (not pieces[j] or pieces[j][-1] in ws):
-                j += 1
-            if i == 0:  # no leading space: not cached (its key could equal a piece)
-                vals[0] = self._encode_unit(" ".join(pieces[: j + 1]))
-            elif i == j and (p := pieces[i]) and p[-1] not in ws:  # a new clean piece
-                vals[i] = ids = self._encode_unit(" " + p)
-                if len(p) <= _MAX_PIECE:
-                    cache[p] = ids
-            else:  # pieces glued by whitespace: cached under " " + text (pieces hold no space)
-                key = " " + " ".join(pieces[i : j + 1])
-                ids = cache.get(key)
-                if ids is None:
-                    ids = self._encode_unit(key)
-                    if len(key) <= _MAX_PIECE:
-                        cache[key] = ids
-                vals[i] = ids
-            if j > i:
-                vals[i + 1 : j + 1] = [""] * (j - i)  # glued into unit i
-            done = j
-        return "".join(vals)
-
-    def _encode_chars(self, text: str) -> str:
-        """Id chars of any text: special tokens (longest first) kept whole.
-
-        A special token without a space never straddles two space-split pieces, so the whole
-        text goes through the fast path at once (units holding a special are encoded special-
-        aware); only specials that contain a space force splitting on specials first.
-        """
-        if not text:
-            return ""
-        if not self._space_in_specials:
-            if len(text) <= _BLOCK:
-                return self._encode_ordinary(text)
-            # blocks of ~_BLOCK chars, cut before a space that follows a non-space (a safe cut,
-            # and one no special token can straddle): small working sets stay in the CPU cache
-            out, start, n, ws = [], 0, len(text), WHITESPACE
-            while start < n:
-                p = text.find(" ", start + _BLOCK)
-                while p > 0 and text[p - 1] in ws:
-                    p = text.find(" ", p + 1)
-                if p < 0:
-                    p = n
-                out.append(self._encode_ordinary(text[start:p]))
-                start = p
-            return "".join(out)
-        out = []
-        for i, part in enumerate(self._split.split(text)):
-            if i % 2:
-                out.append(chr(self._special_ids[part]))
-            elif part:
-                out.append(self._encode_ordinary(part))
-        return "".join(out)
+    def _encode_bulk(self, text: str) -> np.ndarray:
+        """uint32 ids of any text: the special tokens (longest first) are taken out and kept whole,
+        everything between them goes through the NumPy piece table in one pass."""
+        if len(text) < _BULK:  # the piece table's fixed cost would dominate
+            return _chars_to_array(self._encode_unit(text))
+        if self._split is None:
+            return self._table.encode(text)[0]
+        parts = self._split.split(text)
+        texts = parts[0::2]
+        breaks = np.cumsum(np.fromiter(map(len, texts[:-1]), np.int64, len(texts) - 1))
+        ids, at = self._table.encode("".join(texts), breaks)
+        return np.insert(ids, at, [self._special_ids[s] for s in parts[1::2]])
 
     # ------------------------------------------------------------------ public API
     def encode(self, text: str) -> list[int]:
-        # one id per character: utf-32 turns the string into machine ints in one C call
-        return array("I", self._encode_chars(text).encode("utf-32-le", "surrogatepass")).tolist()
+        if len(text) < _BULK:  # one id per character: utf-32 turns the str into ints in one C call
+            return array("I", self._encode_unit(text).encode("utf-32-le", "surrogatepass")).tolist()
+        return self._encode_bulk(text).tolist()
 
-    def encode_to_array(self, text: str, dtype=None):
+    def encode_to_array(self, text: str, dtype=None) -> np.ndarray:
         """encode() straight into a NumPy array (uint16/uint32 by vocab size unless dtype given)."""
-        import numpy as np
-
         from llm.bpe.encode_file import token_dtype
 
-        chars = self._encode_chars(text)
-        arr = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        return arr.astype(dtype or token_dtype(self.vocab_size))
+        return self._encode_bulk(text).astype(dtype or token_dtype(self.vocab_size))
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. a file's lines) exactly as encode("".join(...)).

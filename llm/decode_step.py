@@ -1,0 +1,218 @@
+"""One decode step of `llm.transformer.Transformer` through its KV cache, with as few tensor ops as possible.
+
+A cached decode step multiplies one token by ~16 MB of weights (`demo`): on CPU those GEMVs take ~0.5 ms,
+but the module path runs ~350 small tensor ops around them (~900 ATen calls, each a Python call and a
+dispatch of a few µs), which cost more than the arithmetic. This path computes the same function with
+~170 ops (~330 ATen calls), about 40 per layer:
+
+    x = E[t]                                                 (b d)
+    per layer:  h = x · rstd(x)                              RMSNorm; its gain g1 is folded into W_qkv
+                [q | k | v] = h W_qkvᵀ                        one GEMV: W_qkv = [c·W_q; W_k; W_v] diag(g1),
+                                                              c = 1/sqrt(d_head) (attention's scale)
+                q, k ← rotate (q, k) pairs by e^{iθ(pos)}     RoPE as one complex multiply
+                K[pos], V[pos] ← k, v                         written in place into the cache
+                o = softmax(q Kᵀ) V                           per K/V head, its g query heads as g rows
+                x = x + o W_oᵀ                                one addmm
+                h = x · rstd(x);  [a | b] = h W_13ᵀ           W_13 = [W_1; W_3] diag(g2)
+                x = x + (silu(a) ⊙ b) W_2ᵀ                    one addmm
+    logits = x · rstd(x) W_headᵀ                             W_head = W_lm diag(g_final)
+
+The merged weights are inference copies (stored transposed, (in out): the faster GEMV layout), made on the
+first decode step into a KV cache, remade whenever a parameter changes (in-place optimizer step,
+load_state_dict, `.to()`, or a new Parameter object), so decoding from a model that keeps training stays
+correct, and dropped with the cache at the end of the generation (~10 ms for `demo`, once per call). While
+they live they cost about one more copy of the non-embedding weights; models above `MAX_BYTES` of weights
+take the general path instead (there the matmuls dominate and the per-op overhead saved here hardly matters).
+
+Folding the gains and the scale into the weights changes only rounding (float64: equal to the torch.nn
+reference to 1e-10; float32: to the training path to 1e-5, tests/test_generating_decode_step.py).
+Only the plain case: one new token per row, no padding mask, fp32/fp64 weights, no autograd. Everything
+else (prefill, left-padded batches, bf16 models, subclasses) goes through `Transformer.forward`. On CUDA the
+step runs in the weights' dtype, not under bf16 autocast: at batch 1 it is bound by reading the weights, and
+autocast would re-cast every fp32 matrix on every call.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llm.kv_cache import KVCache
+from llm.transformer import Transformer
+
+MAX_BYTES = 1 << 30  # models with more weight bytes than this use the general path (no second copy)
+
+
+@dataclass
+class _Layer:
+    w_qkv: Tensor  # (d, (h + 2 h_kv) d_head): [c·W_q; W_k; W_v]ᵀ with the ln1 gain folded in
+    w_o: Tensor  # (d, d)
+    w_13: Tensor  # (d, 2 f): [W_1; W_3]ᵀ with the ln2 gain folded in
+    w_2: Tensor  # (f, d)
+    eps1: Tensor  # (1,): RMSNorm epsilons as tensors (see _rstd)
+    eps2: Tensor
+
+
+@dataclass
+class _Weights:
+    model: Transformer  # the model the copies were made from
+    slots: list[tuple[dict, str]]  # where each source parameter lives: (its module's _parameters, name)
+    sources: list[Tensor]  # the parameters the copies were made from (held, so identity stays meaningful)
+    versions: list[tuple[int, int]]  # (data_ptr, _version) of each source when copied
+    supported: bool  # False: the model is not the plain case (dtype, size, layout): use the general path
+    embedding: Tensor | None = None
+    layers: list[_Layer] | None = None
+    w_head: Tensor | None = None  # (d, vocab) with the final norm's gain folded in
+    eps_final: Tensor | None = None
+    rot: Tensor | None = None  # complex (max_len, d_head/2): e^{iθ} of every position
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+
+    def current(self, model: Transformer) -> bool:
+        """Same model, same parameter objects, same storage, no in-place change since the copies were made."""
+        if model is not self.model:
+            return False
+        for (params, name), src, (ptr, ver) in zip(self.slots, self.sources, self.versions):
+            p = params[name]
+            if p is not src or p._version != ver or p.data_ptr() != ptr:
+                return False
+        return True
+
+
+# Copies live as long as the KV cache they serve (one generation call), not as long as the model: a model
+# that is sampled from now and then during training does not carry a second copy of its weights between.
+_WEIGHTS: weakref.WeakKeyDictionary[KVCache, _Weights] = weakref.WeakKeyDictionary()
+
+
+def _slots(model: Transformer) -> list[tuple[dict, str]]:
+    """Every parameter the decode step reads, in a fixed order, as (module._parameters, name): a dict
+    lookup per step instead of nn.Module.__getattr__ chains."""
+    mods = [model.token_embeddings]
+    for layer in model.layers:
+        a, f = layer.attn, layer.ffn
+        mods += [layer.ln1, a.q_proj, a.k_proj, a.v_proj, a.output_proj, layer.ln2, f.w1, f.w3, f.w2]
+    mods += [model.ln_final, model.lm_head]
+    return [(m._parameters, "weight") for m in mods]
+
+
+def _supported(model: Transformer) -> bool:
+    if not len(model.layers) or any(layer.attn.rope is None for layer in model.layers):
+        return False
+    params = list(model.parameters())
+    if any(p.dtype not in (torch.float32, torch.float64) or p.dtype != params[0].dtype for p in params):
+        return False
+    return sum(p.numel() * p.element_size() for p in params) <= MAX_BYTES
+
+
+def _stack_t(mats: list[Tensor], gain: Tensor | None = None, scales: list[float] | None = None) -> Tensor:
+    """[s_1 W_1; s_2 W_2; ...] diag(gain), transposed: (in, Σ out_i) contiguous, one pass per matrix."""
+    out = torch.empty(mats[0].shape[1], sum(m.shape[0] for m in mats), dtype=mats[0].dtype, device=mats[0].device)
+    col = 0
+    for i, m in enumerate(mats):
+        dst = out[:, col : col + m.shape[0]]
+        col += m.shape[0]
+        s = 1.0 if scales is None else scales[i]
+        if gain is None:
+            dst.copy_(m.t()) if s == 1.0 else torch.mul(m.t(), s, out=dst)
+        else:
+            torch.mul(m.t(), gain[:, None] if s == 1.0 else gain[:, None] * s, out=dst)
+    return out
+
+
+@torch.inference_mode(False)  # ordinary tensors even when first called under inference mode:
+@torch.no_grad()  # they may be read in any mode while the cache lives
+def _build(model: Transformer) -> _Weights:
+    slots = _slots(model)
+    sources = [params[name] for params, name in slots]
+    w = _Weights(model, slots, sources, [(p.data_ptr(), p._version) for p in sources], _supported(model))
+    if not w.supported:
+        return w
+    attn0 = model.layers[0].attn
+    c = 1.0 / math.sqrt(attn0.head_dim)
+    dtype, device = sources[0].dtype, sources[0].device
+
+    def eps(norm: torch.nn.Module) -> Tensor:
+        return torch.tensor([norm.eps], dtype=dtype, device=device)
+
+    w.layers = []
+    for layer in model.layers:
+        a, f = layer.attn, layer.ffn
+        w.layers.append(_Layer(
+            w_qkv=_stack_t([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], layer.ln1.weight, [c, 1.0, 1.0]),
+            w_o=_stack_t([a.output_proj.weight]),
+            w_13=_stack_t([f.w1.weight, f.w3.weight], layer.ln2.weight),
+            w_2=_stack_t([f.w2.weight]),
+            eps1=eps(layer.ln1),
+            eps2=eps(layer.ln2),
+        ))
+    w.embedding = model.token_embeddings.weight
+    w.w_head = _stack_t([model.lm_head.weight], model.ln_final.weight)
+    w.eps_final = eps(model.ln_final)
+    w.rot = torch.complex(attn0.rope.cos.to(dtype), attn0.rope.sin.to(dtype))
+    w.num_heads, w.num_kv_heads, w.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+    return w
+
+
+def weights(model: torch.nn.Module, cache: KVCache) -> _Weights | None:
+    """The inference copies of `model`'s weights for decoding into `cache` (made on the cache's first
+    decode step, remade if any parameter changed since, dropped with the cache), or None when this step
+    does not apply to the model."""
+    if type(model) is not Transformer:
+        return None
+    w = _WEIGHTS.get(cache)
+    if w is None or not w.current(model):
+        w = _WEIGHTS[cache] = _build(model)
+    return w if w.supported else None
+
+
+def _rstd(x: Tensor, eps: Tensor) -> Tensor:
+    """1 / sqrt(mean_d x² + eps), (b 1), in three ops: ‖x‖ (vector_norm), then (eps + ‖x‖·‖x‖/d)^(-1/2).
+    eps is a (1,) tensor: a Python float operand would be wrapped into a tensor on every call."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+
+
+@torch.inference_mode()
+def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
+    """Logits (b vocab) of the next token after `tokens` (b,) int64, appended to `cache` at position
+    cache.length (every row at the same position: no padding), with `w = weights(model, cache)`. Advances it.
+    Runs under inference mode (fewer dispatch steps per op): the logits are an inference tensor, which
+    functional ops accept anywhere; clone them before editing them in place outside inference mode."""
+    b = tokens.shape[0]
+    pos = cache.length
+    if cache.batch != b:
+        raise ValueError(f"batch size {b} does not match the KV cache's {cache.batch}")
+    if pos + 1 > cache.max_len:
+        raise ValueError(f"KV cache full: {pos} + 1 tokens exceed max_len {cache.max_len}")
+    if pos + 1 > w.rot.shape[0]:
+        raise ValueError(f"sequence length {pos + 1} exceeds context_length {w.rot.shape[0]}")
+    h, hkv, dh = w.num_heads, w.num_kv_heads, w.head_dim
+    g, d, bk = h // hkv, h * dh, b * hkv
+    rot = w.rot[pos]  # (d_head/2) complex
+    # views of the cache for all layers at once, (L b·h_kv ...): where this step writes, and what it reads
+    k_new = torch.view_as_complex(cache.k[:, :, :, pos].unflatten(-1, (-1, 2)))  # (L b h_kv d_head/2) complex
+    v_new = cache.v[:, :, :, pos]  # (L b h_kv d_head)
+    keys_t = cache.k[:, :, :, : pos + 1].flatten(1, 2).transpose(-1, -2)  # (L b·h_kv d_head t)
+    values = cache.v[:, :, :, : pos + 1].flatten(1, 2)  # (L b·h_kv t d_head)
+    x = w.embedding.index_select(0, tokens)  # (b d): a fresh tensor, never a view into the table
+    for i, lw in enumerate(w.layers):
+        qkv = torch.mm(x * _rstd(x, lw.eps1), lw.w_qkv)  # (b (h + 2 h_kv) d_head)
+        z = torch.view_as_complex(qkv.view(b, h + 2 * hkv, dh // 2, 2))  # pairs as complex numbers
+        # RoPE: q rotated into a fresh tensor, k rotated straight into its cache slot
+        q = torch.view_as_real(z[:, :h] * rot).view(bk, g, dh)  # the g query heads of a K/V head as g rows
+        torch.mul(z[:, h : h + hkv], rot, out=k_new[i])
+        v_new[i].copy_(qkv[:, (h + hkv) * dh :].view(b, hkv, dh))
+        s = torch.bmm(q, keys_t[i])  # (b·h_kv g t), scale folded into W_q
+        s.sub_(s.amax(-1, keepdim=True)).exp_()
+        o = torch.bmm(s, values[i]).div_(s.sum(-1, keepdim=True))  # normalise (g d_head), not (g t)
+        x = torch.addmm(x, o.view(b, d), lw.w_o)
+        ab = torch.mm(x * _rstd(x, lw.eps2), lw.w_13)
+        a, gate = ab.chunk(2, dim=-1)
+        x = torch.addmm(x, torch.sigmoid(a).mul_(a).mul_(gate), lw.w_2)
+    cache.advance(1)
+    return torch.mm(x * _rstd(x, w.eps_final), w.w_head)
