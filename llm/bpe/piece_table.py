@@ -41,6 +41,11 @@ def _keys(buf: np.ndarray, start: np.ndarray, nbytes: np.ndarray) -> tuple[np.nd
     return k0, k1
 
 
+def chars_to_ids(chars: str) -> np.ndarray:
+    """uint32 ids from the str-of-chr(id) carrier the tokenizer's str paths use (one C call)."""
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
+
+
 def _ragged(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Indices start_0 .. start_0 + count_0 - 1, start_1 .., back to back."""
     before = np.cumsum(counts) - counts
@@ -83,20 +88,23 @@ class PieceTable:
 
     def _add(self, k0, k1, ids: np.ndarray, cnt: np.ndarray) -> None:
         """New entries (absent, distinct) with their ids back to back."""
-        self._reserve(len(ids))
-        off = self._used + np.cumsum(cnt) - cnt
-        self._pool[self._used : self._used + len(ids)] = ids
+        off = self._stage(ids) + np.cumsum(cnt) - cnt
         self._used += len(ids)
         first = len(self._off)
         self._off = np.concatenate([self._off, off])
         self._cnt = np.concatenate([self._cnt, cnt])
         self._index.put(k0, k1, np.arange(first, first + len(cnt)))
 
-    def _reserve(self, extra: int) -> None:
-        if self._used + extra > len(self._pool):
-            pool = np.zeros(max(2 * len(self._pool), self._used + extra), np.uint32)
+    def _stage(self, ids: np.ndarray) -> int:
+        """Write ids just past the pool's entries in use (growing it); returns where they start.
+        They stay only until the next write unless the caller then advances `_used`."""
+        end = self._used + len(ids)
+        if end > len(self._pool):
+            pool = np.zeros(max(2 * len(self._pool), end), np.uint32)
             pool[: self._used] = self._pool[: self._used]
             self._pool = pool
+        self._pool[self._used : end] = ids
+        return self._used
 
     # ---------------------------------------------------------------- encoding
     def encode(self, text: str, breaks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +187,7 @@ class PieceTable:
             text, starts, ends = sc.text, sc.starts, sc.ends
             ids = [self._long_bpe(text[a:b]) for a, b in zip(starts[sc.long].tolist(), ends[sc.long].tolist())]
             lens = np.fromiter(map(len, ids), np.int64, len(ids))
-            flat = np.frombuffer("".join(ids).encode("utf-32-le", "surrogatepass"), np.uint32)
-            self._reserve(len(flat))
-            self._pool[self._used : self._used + len(flat)] = flat
-            src[sc.long] = self._used + np.cumsum(lens) - lens
+            src[sc.long] = self._stage(chars_to_ids("".join(ids))) + np.cumsum(lens) - lens
             cnt[sc.long] = lens
         k = np.searchsorted(sc.starts, sc.breaks)  # breaks start pre-tokens: the index of that one
         if (cnt == 1).all():

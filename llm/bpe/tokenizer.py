@@ -24,7 +24,7 @@ import numpy as np
 
 from llm.bpe.batch_bpe import BatchBpe
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
-from llm.bpe.piece_table import PieceTable
+from llm.bpe.piece_table import PieceTable, chars_to_ids
 from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -50,10 +50,6 @@ class _BpeCache(dict):
         if len(word) <= _MAX_PIECE:  # long pre-tokens are rare; caching them could cost MBs each
             self[word] = ids
         return ids
-
-
-def _chars_to_array(chars: str) -> np.ndarray:
-    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -235,7 +231,7 @@ class BpeTokenizer:
         """uint32 ids of any text: the special tokens (longest first) are taken out and kept whole,
         everything between them goes through the NumPy piece table in one pass."""
         if len(text) < _BULK:  # the piece table's fixed cost would dominate
-            return _chars_to_array(self._encode_unit(text))
+            return chars_to_ids(self._encode_unit(text))
         if self._split is None:
             return self._table.encode(text)[0]
         parts = self._split.split(text)
