@@ -5,6 +5,7 @@ progress lines with an ETA."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -44,12 +45,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call, with the device synchronised before and after."""
+    """Seconds for one call, with the device synchronised before and after and Python's cyclic garbage
+    collector paused (as timeit does): a collection that happens to start inside one model's call
+    would charge it a pause that has nothing to do with its code (tensors are freed by refcount anyway)."""
     sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -174,7 +183,6 @@ class TensorMemoryTracker:
 def measure_peak(fn: Callable[[], object], device: torch.device) -> dict[str, int | None]:
     """Peak memory of one call. CUDA: allocator peak above the start. CPU: exact tensor peak (see
     TensorMemoryTracker) and the process's peak RSS above the start (coarse)."""
-    import gc
 
     gc.collect()
     sync(device)

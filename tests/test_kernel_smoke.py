@@ -28,7 +28,17 @@ def test_benchmarking_model_compare_memory_profile(tmp_path, capsys) -> None:
     assert abs(res["loss_check"]["ours"] - res["loss_check"]["torch"]) < 1e-4
     assert set(res["memory"]) == {f"{i}/{p}" for i in ("ours", "torch") for p in ("forward", "fwd+bwd", "step")}
     printed = capsys.readouterr().out
-    assert "speed ours/torch" in printed and "where the time goes" in printed
+    assert "speed ours/torch" in printed and "where the time goes" in printed and "Ceiling ours/torch" in printed
+
+
+def test_gemm_ceiling_is_torch_total_over_our_gemm_time() -> None:
+    gemm = benchmarking_model.GEMM
+    ours = {gemm: 800.0, "batched matmul": 50.0, "_total_ms": 900.0}
+    ref = {gemm: 790.0, "attention kernel": 100.0, "_total_ms": 960.0}
+    line = benchmarking_model.gemm_ceiling(ours, ref)
+    assert "ours 100.0 ms, torch 170.0 ms" in line  # everything but the GEMMs
+    assert "1.20x" in line  # 960 / 800
+    assert "in 72.7 ms" in line  # 960 / 1.1 - 800
 
 
 def test_benchmarking_model_sweep_writes_results(tmp_path) -> None:
