@@ -183,7 +183,6 @@ class TensorMemoryTracker:
 def measure_peak(fn: Callable[[], object], device: torch.device) -> dict[str, int | None]:
     """Peak memory of one call. CUDA: allocator peak above the start. CPU: exact tensor peak (see
     TensorMemoryTracker) and the process's peak RSS above the start (coarse)."""
-
     gc.collect()
     sync(device)
     base = current_memory_bytes(device)

@@ -39,6 +39,7 @@ def test_gemm_ceiling_is_torch_total_over_our_gemm_time() -> None:
     assert "ours 100.0 ms, torch 170.0 ms" in line  # everything but the GEMMs
     assert "1.20x" in line  # 960 / 800
     assert "in 72.7 ms" in line  # 960 / 1.1 - 800
+    assert "out of reach" in benchmarking_model.gemm_ceiling({gemm: 950.0, "_total_ms": 990.0}, ref)  # 960 / 1.1 < 950
 
 
 def test_benchmarking_model_sweep_writes_results(tmp_path) -> None:
