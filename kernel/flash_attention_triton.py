@@ -247,7 +247,8 @@ class FlashAttentionTriton(torch.autograd.Function):
     """Forward and FA2 backward as Triton kernels; saves q, k, v, O and the base-2 logsumexp L."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, block_q: int, block_k: int) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, block_q: int, block_k: int,
+                launch: dict[str, int]) -> Tensor:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         b, h, sq, d = q.shape
         sk = k.shape[2]
@@ -257,15 +258,15 @@ class FlashAttentionTriton(torch.autograd.Function):
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(sq, block_q), b * h)
         _fwd[grid](q, k, v, o, lse, sq, sk, sk - sq, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                   H=h, G=g, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, IS_CAUSAL=is_causal)
+                   H=h, G=g, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, IS_CAUSAL=is_causal, **launch)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (is_causal, scale, block_q, block_k)
+        ctx.args = (is_causal, scale, block_q, block_k, launch)
         return o
 
     @staticmethod
     def backward(ctx, grad_o: Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        is_causal, scale, block_q, block_k = ctx.args
+        is_causal, scale, block_q, block_k, launch = ctx.args
         grad_o = grad_o if grad_o.stride(-1) == 1 else grad_o.contiguous()
         b, h, sq, d = q.shape
         hk, sk = k.shape[1], k.shape[2]
@@ -273,15 +274,15 @@ class FlashAttentionTriton(torch.autograd.Function):
         block_d = max(16, triton.next_power_of_2(d))
         delta = torch.empty_like(lse)
         _bwd_delta[(triton.cdiv(sq, block_q), b * h)](o, grad_o, delta, sq, *_strides(o), *_strides(grad_o),
-                                                     H=h, D=d, BLOCK_D=block_d, BLOCK_Q=block_q)
+                                                     H=h, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, **launch)
         dq = torch.empty(b, h, sq, d, device=q.device, dtype=q.dtype)
         dk = torch.empty(b, hk, sk, d, device=k.device, dtype=k.dtype)
         dv = torch.empty(b, hk, sk, d, device=v.device, dtype=v.dtype)
         common = (sq, sk, sk - sq, scale * LOG2E, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_o))
-        meta = dict(H=h, G=g, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, IS_CAUSAL=is_causal)
+        meta = dict(H=h, G=g, D=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_K=block_k, IS_CAUSAL=is_causal, **launch)
         _bwd_dkdv[(triton.cdiv(sk, block_k), b * hk)](q, k, v, grad_o, lse, delta, dk, dv, *common, **meta)
         _bwd_dq[(triton.cdiv(sq, block_q), b * h)](q, k, v, grad_o, lse, delta, dq, *common, **meta)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention_triton(
@@ -292,9 +293,13 @@ def flash_attention_triton(
     scale: float | None = None,
     block_q: int = 64,
     block_k: int = 64,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> Tensor:
     """Same contract as `llm.ops.flash_attention.flash_attention` (q `b h sq d`, k/v `b hk sk d`, GQA native,
-    bottom-right causal), computed by Triton kernels. Needs CUDA tensors, or TRITON_INTERPRET=1 for CPU."""
+    bottom-right causal), computed by Triton kernels. Needs CUDA tensors, or TRITON_INTERPRET=1 for CPU.
+    `num_warps` / `num_stages`: Triton launch options for all four kernels (None: Triton's defaults);
+    `kernel/tune_flash_triton.py` times the combinations on a GPU."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"flash_attention_triton wants q, k, v of shape (b h s d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
@@ -308,8 +313,14 @@ def flash_attention_triton(
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles); got {blk}")
+    for name, opt in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if opt is not None and not (isinstance(opt, int) and opt >= 1):
+            raise ValueError(f"{name} must be a positive integer or None; got {opt!r}")
+    if num_warps is not None and num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two; got {num_warps}")
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before importing this module to run on CPU")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return FlashAttentionTriton.apply(q, k, v, is_causal, scale, block_q, block_k)
+    launch = {key: val for key, val in (("num_warps", num_warps), ("num_stages", num_stages)) if val is not None}
+    return FlashAttentionTriton.apply(q, k, v, is_causal, scale, block_q, block_k, launch)

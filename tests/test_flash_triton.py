@@ -78,6 +78,17 @@ def test_matches_sdpa_values_and_grads(fa, case) -> None:
         torch.testing.assert_close(ours[name], ref[name], rtol=tol, atol=tol, msg=name)
 
 
+def test_launch_options_reach_every_kernel(fa) -> None:
+    """num_warps / num_stages go to all four launches (the tuner sets them): on a GPU they change the
+    compiled kernels, never the results (the interpreter ignores them; this checks the plumbing)."""
+    q, k, v, do = _inputs(1, 2, 1, 40, 40, 16, seed=3)
+    ref = _reference(q, k, v, do, True)
+    ours = _ours(fa, q, k, v, do, True, block_q=16, block_k=32, num_warps=2, num_stages=2)
+    tol = 1e-5 if DEVICE == "cpu" else 2e-2
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=tol, atol=tol, msg=name)
+
+
 def test_snapshot_against_float64_reference(fa, ref_snapshot) -> None:
     q, k, v, do = _inputs(1, 2, 1, 24, 24, 16, seed=1)
     stored = ref_snapshot(_reference(q, k, v, do, True), rtol=1e-10, atol=1e-12)
@@ -108,6 +119,8 @@ def test_agrees_with_the_pytorch_flash_attention(fa) -> None:
         (((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "sk >= sq"),
         (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"block_q": 24}, "power of two"),
         (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 8)), {}, r"\(b, h_kv, sk, d\)"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"num_warps": 3}, "num_warps must be a power of two"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"num_stages": 0}, "num_stages must be a positive integer"),
     ],
 )
 def test_bad_input_is_a_clear_error(fa, shapes, kw, match) -> None:

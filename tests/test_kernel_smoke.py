@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kernel import benchmarking_attention, benchmarking_model
+from kernel import benchmarking_attention, benchmarking_model, tune_flash_triton
 from kernel.torch_reference import TorchTransformer
 from llm.config import ModelConfig
 
@@ -109,3 +109,13 @@ def test_torch_reference_is_the_same_model(attn_impl, kv_heads, tie) -> None:
     ref_grads = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_tune_flash_triton_parses_configs_and_needs_cuda(capsys) -> None:
+    assert tune_flash_triton.parse_configs("64x64x4x3, 128x32x8x2") == [(64, 64, 4, 3), (128, 32, 8, 2)]
+    with pytest.raises(ValueError, match="like 128x64x8x3"):
+        tune_flash_triton.parse_configs("64x64x4")
+    if not torch.cuda.is_available():
+        assert tune_flash_triton.main(["--device", "cpu"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+    assert tune_flash_triton.main(["--configs", "64x64"]) == 2
