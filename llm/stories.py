@@ -21,6 +21,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 EOT = "<|endoftext|>"
@@ -240,6 +241,27 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+# A plot is a sequence of steps, read by ``_tell``: a tuple of alternative sentences (``say`` picks
+# one), PARAGRAPH, or a function for the parts with real logic (chances, the place's own sentences).
+# Written as data because the same say/new_paragraph shape was otherwise spelled out 40+ times.
+PARAGRAPH = None
+Step = tuple[str, ...] | Callable[[_Story], None] | None
+
+
+def _tell(s: _Story, steps: tuple[Step, ...]) -> None:
+    for step in steps:
+        if step is PARAGRAPH:
+            s.new_paragraph()
+        elif callable(step):
+            step(s)
+        else:
+            s.say(*step)
+
+
+def _describe_place(s: _Story) -> None:
+    s.say(*PLACES[s.c["place"]])
+
+
 def _intro(s: _Story) -> None:
     c = s.c
     s.say(
@@ -274,7 +296,7 @@ def _setting(s: _Story) -> None:
         "{Connect_then}, {name} ran to the {place}.",
     )
     if s.r.random() < 0.7:
-        s.say(*PLACES[s.c["place"]])
+        _describe_place(s)
     if s.r.random() < 0.4:
         s.say(*WEATHER)
     if s.r.random() < 0.2:
@@ -285,610 +307,615 @@ def _setting(s: _Story) -> None:
         )
 
 
-def _meet_friend(s: _Story) -> None:
-    s.say(
+_MEET_FRIEND: tuple[Step, ...] = (
+    (
         "At the {place}, {name} saw {his} friend {fname}.",
         "There, {name} met {a_ftrait} {fkind} named {fname}.",
         "{Name} played with {his} friend {fname}.",
-    )
-    s.say(
+    ),
+    (
         '"Hi, {fname}!" said {name}. "Do you want to play with me?"',
         '"Hello, {name}!" said {fname}. "Let\'s play together!"',
         '{Fname} smiled and said, "Hello, {name}! I am so happy to see you."',
-    )
+    ),
+)
 
 
-def _p_lost(s: _Story) -> str:
-    _setting(s)
-    s.say(
+_P_LOST: tuple[Step, ...] = (
+    _setting,
+    (
         "{He} played with {his} {obj} all {time}.",
         "{He} brought {his} {color} {obj} to play with.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "When it was time to go home, {name} could not find {his} {obj}.",
         "{Connect_but} {name} looked down and {his} {obj} was gone!",
         "{Connect_but} {name} saw that {his} {obj} was not there anymore.",
-    )
-    s.say(
+    ),
+    (
         "{Name} felt {sad}.",
         "{He} was very {sad} and started to cry.",
         '"Oh no! Where is my {obj}?" cried {name}.',
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} said, "Don\'t worry, {name}. We will look for it together."',
         '{Fname} said, "I will help you find it, {name}!"',
         '"Let\'s look for it," said {his} {elder}.',
-    )
-    s.say(
+    ),
+    (
         "They looked under the bench and behind the bushes.",
         "They looked everywhere, high and low.",
         "They searched near the {spot} and by the big rock.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_end}, {finder} found the {obj} under a pile of leaves.",
         "{Connect_end}, {finder} saw something {color} near the {spot}. It was the {obj}!",
         "{Connect_end}, a little dog came running with the {obj} in its mouth.",
-    )
-    s.say(
+    ),
+    (
         '"Thank you!" said {name}, and {he} gave the {obj} a big hug.',
         "{Name} was so {happy}. {He} held {his} {obj} tight.",
         '"My {obj}!" shouted {name}. {He} was very {happy}.',
-    )
-    return "lost"
+    ),
+)
 
 
-def _p_stuck(s: _Story) -> str:
-    _setting(s)
-    s.say(
+_P_STUCK: tuple[Step, ...] = (
+    _setting,
+    (
         "{Name} played with {his} {obj}. It went up and up.",
         "{Name} threw {his} {obj} high into the air.",
         "The wind was strong, and it pulled {name}'s {obj} away.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_but} the {obj} got stuck on the {spot}!",
         "Oh no! The {obj} landed on top of the {spot} and got stuck.",
-    )
-    s.say(
+    ),
+    (
         "{Name} jumped and jumped, but {he} could not reach it.",
         "{Name} tried to reach it, but {he} was too small.",
         "{Name} stretched {his} arms, but the {obj} was too high.",
-    )
-    s.say(
+    ),
+    (
         '"What can I do?" said {name}. {He} felt {sad}.',
         '"My {obj} is stuck!" cried {name}.',
-    )
-    s.say(
+    ),
+    (
         "{Fname} came over to help.",
         "Just then, {fname} walked by.",
         "{His} friend {fname} saw what happened.",
-    )
-    s.say(
+    ),
+    (
         '"I have an idea," said {fname}. "Let\'s use a long stick."',
         '"Let\'s ask {name}\'s {elder} for help," said {fname}.',
         '"Climb on my back," said {fname}. "Then you can reach it."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_then}, they worked together, and the {obj} came down.",
         "{Connect_then}, {his} {elder} came with a ladder and got the {obj} down.",
         "They tried and tried, and at last the {obj} fell into {name}'s hands.",
-    )
-    s.say(
+    ),
+    (
         '"Thank you, {fname}!" said {name}. "You are a good friend."',
         "{Name} and {fname} laughed and played together until the sun went down.",
         "{Name} was {happy}. {He} gave {fname} a big hug.",
-    )
-    return "stuck"
+    ),
+)
 
 
-def _p_broken(s: _Story) -> str:
-    _setting(s)
-    s.say(
+_P_BROKEN: tuple[Step, ...] = (
+    _setting,
+    (
         "{Name} and {his} friend {fname} were playing with {name}'s {obj}.",
         "{His} friend {fname} came over and wanted to play with {name}'s {obj}.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_but} {fname} dropped the {obj} and it broke.",
         "{Connect_but} the {obj} fell down and broke into pieces.",
         "{Connect_but} {fname} pushed too hard and the {obj} broke.",
-    )
-    s.say(
+    ),
+    (
         "{Name} was {angry}.",
         '"You broke my {obj}!" shouted {name}. {He} was very {angry}.',
         "{Name} felt {sad} and a tear rolled down {his} face.",
-    )
-    s.say(
+    ),
+    (
         '{Fname} looked down and said, "I am sorry, {name}. I did not mean to."',
         '"I\'m sorry," said {fname}. "Can I help you fix it?"',
-    )
-    s.say(
+    ),
+    (
         "{Name} took a deep breath. {He} knew {fname} was sorry.",
         '{Name} thought for a moment and said, "It is okay. Let\'s fix it together."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_then}, they got some glue and fixed the {obj}.",
         "{His} {elder} helped them, and soon the {obj} looked as good as new.",
         "They worked hard, and {connect_end_l} the {obj} was fixed.",
-    )
-    s.say(
+    ),
+    (
         "{Name} and {fname} smiled. They were friends again.",
         '"We did it!" said {fname}. {Name} laughed and clapped {his} hands.',
-    )
-    return "broken"
+    ),
+)
 
 
-def _p_fear(s: _Story) -> str:
-    s.say(
+_P_FEAR: tuple[Step, ...] = (
+    (
         "{Name} was afraid of {fear}.",
         "There was one thing {name} did not like: {fear}.",
         "{Name} was brave, but {he} was scared of {fear}.",
-    )
-    s.say(
+    ),
+    (
         "Every time {name} thought about it, {his} tummy felt funny.",
         "{He} did not want anyone to know.",
         "{He} always hid behind {his} {elder} when {he} saw it.",
-    )
-    s.new_paragraph()
-    s.say(s.c["fear_event"])
-    s.say(
+    ),
+    PARAGRAPH,
+    ("{fear_event}",),  # the moment the fear comes true, written in make_story
+    (
         "{Name} felt very {scared}. {He} wanted to run away.",
         '"Help!" cried {name}. {He} was so {scared}.',
         "{Name} closed {his} eyes and held {his} {obj} tight.",
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} held {his} hand and said, "It is okay to be scared. I am here with you."',
         '{His} {elder} smiled and said, "Let\'s be brave together, {name}."',
         '"Take a deep breath," said {his} {elder}. "You are braver than you think."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Name} took a deep breath and opened {his} eyes.",
         "{Name} counted to three and looked again.",
-    )
-    s.say(
+    ),
+    (
         "It was not so bad after all.",
         "{He} saw that there was nothing to be afraid of.",
         "{He} felt a little bit braver.",
-    )
-    s.say(
+    ),
+    (
         '"I did it!" said {name}. {He} felt {proud}.',
         "{Name} smiled. {He} was very {proud} of {himself}.",
-    )
-    return "fear"
+    ),
+)
 
 
-def _p_share(s: _Story) -> str:
-    _setting(s)
-    _meet_friend(s)
-    s.new_paragraph()
-    s.say(
+_P_SHARE: tuple[Step, ...] = (
+    _setting,
+    *_MEET_FRIEND,
+    PARAGRAPH,
+    (
         "{Fname} saw {name}'s {obj} and wanted to play with it too.",
         '{Fname} asked, "Can I play with your {obj}, please?"',
-    )
-    s.say(
+    ),
+    (
         '"No!" said {name}. "It is mine!"',
         "{Name} held the {obj} close and said, \"No, I want to play with it alone.\"",
-    )
-    s.say(
+    ),
+    (
         "{Fname} felt {fsad} and walked away.",
         "{Fname} looked {fsad}. {Fhe} sat down all alone.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "Soon, {name} did not have fun anymore. Playing alone was boring.",
         "{Name} looked at {fname} and felt bad inside.",
         "{Name} thought about how {fname} must feel.",
-    )
-    s.say(
+    ),
+    (
         '{Name} walked to {fname} and said, "I am sorry. Do you want to play with my {obj}?"',
         '{Name} went to {fname} and said, "Here, we can share my {obj}."',
-    )
-    s.say(
+    ),
+    (
         '{Fname} smiled. "Thank you, {name}!" {fhe} said.',
         "{Fname} was so {fhappy}. {Fhe} gave {name} a big hug.",
-    )
-    s.say(
+    ),
+    (
         "They played with the {obj} together all {time}, and they had lots of fun.",
         "They took turns, and the game was much more fun with two.",
-    )
-    return "share"
+    ),
+)
 
 
-def _p_animal(s: _Story) -> str:
-    _setting(s)
-    s.new_paragraph()
-    s.say(
+_P_ANIMAL: tuple[Step, ...] = (
+    _setting,
+    PARAGRAPH,
+    (
         "{Connect_but} {name} heard a small sound. It was a little {animal}.",
         "Near a tree, {name} found a little {animal}.",
         "{Connect_but} {name} saw a little {animal} sitting all alone.",
-    )
-    s.say(
+    ),
+    (
         "The {animal} had a hurt leg and could not walk.",
         "The {animal} was lost and looked very {scared}.",
         "The {animal} was cold and hungry.",
-    )
-    s.say(
+    ),
+    (
         '"Poor little {animal}," said {name}. "I will help you."',
         '"Don\'t be scared," said {name} softly. "I am your friend."',
-    )
-    s.say(
+    ),
+    (
         "{Name} gave the {animal} some water and a piece of {his} {food}.",
         "{Name} wrapped the {animal} in a soft blanket.",
         "{Name} carried the {animal} to {his} {elder}.",
-    )
-    s.say(
+    ),
+    (
         "{His} {elder} helped {him} take care of it.",
         '{His} {elder} said, "You are very kind, {name}."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "After a few days, the {animal} was strong again.",
         "Soon the {animal} felt much better.",
-    )
-    s.say(
+    ),
+    (
         "{Name} let the {animal} go, and it looked back as if to say thank you.",
         "The {animal} jumped up and down. It was happy and so was {name}.",
         "The {animal} found its family, and {name} waved goodbye.",
-    )
-    return "animal"
+    ),
+)
 
 
-def _p_skill(s: _Story) -> str:
-    s.say(
+_P_SKILL: tuple[Step, ...] = (
+    (
         "{Name} wanted to learn to {skill}.",
         "More than anything, {name} wished {he} could {skill}.",
-    )
-    s.say(
+    ),
+    (
         "{His} friend {fname} could already {skill}, and {name} wanted to do it too.",
         "It looked easy when {his} {elder} did it.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "The first time {name} tried, {he} {skill_fail}.",
         "{Name} tried very hard, but {he} {skill_fail}.",
-    )
-    s.say(
+    ),
+    (
         '"I can\'t do it!" said {name}. {He} felt {sad}.',
         "{Name} wanted to give up. {He} was {sad}.",
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} said, "Everyone falls at first. Try again, {name}."',
         '"Don\'t give up," said {fname}. "You can do it!"',
         '{His} {elder} hugged {him} and said, "Let\'s practice a little every day."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "So {name} practiced every day.",
         "{Name} tried again and again.",
         "{Name} did not give up. {He} practiced all week.",
-    )
-    s.say(
+    ),
+    (
         "{Connect_end}, {name} {skill_win}!",
         "One {time}, {name} {skill_win}.",
-    )
-    s.say(
+    ),
+    (
         '"I did it!" shouted {name}. {He} was so {proud}.',
         "Everyone clapped. {Name} felt very {proud}.",
-    )
-    return "skill"
+    ),
+)
 
 
-def _p_contest(s: _Story) -> str:
-    s.say(
+_P_CONTEST: tuple[Step, ...] = (
+    (
         "One {time}, there was {contest} at the {place}.",
         "{Name} and {his} friends had {contest} at the {place}.",
-    )
-    s.say(
+    ),
+    (
         "{Name} wanted to win very much.",
         '"I will win!" said {name}. "I am the best!"',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Name} tried {his} best, but {fname} won.",
         "{Connect_but} {fname} won, and {name} came last.",
-    )
-    s.say(
+    ),
+    (
         "{Name} felt {sad}. {He} wanted to cry.",
         "{Name} was {angry}. {He} stamped {his} feet.",
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} said, "You did your best, and that is what matters."',
         '{Fname} came over and said, "You were great too, {name}! Let\'s play again."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Name} thought about it and smiled.",
         "{Name} felt better.",
-    )
-    s.say(
+    ),
+    (
         '"Good job, {fname}!" said {name}. "You won fair and square."',
         "{Name} hugged {fname} and said, \"Well done!\"",
-    )
-    s.say(
+    ),
+    (
         "Then they played again just for fun, and they laughed and laughed.",
         "They all ate {foods} together and had a wonderful time.",
-    )
-    return "contest"
+    ),
+)
 
 
-def _p_rain(s: _Story) -> str:
-    s.say(
+_P_RAIN: tuple[Step, ...] = (
+    (
         "{Name} and {his} {elder} planned a picnic at the {place}.",
         "{Name} wanted to go to the {place} to {like}.",
-    )
-    s.say(
+    ),
+    (
         "{He} packed {foods} and {his} {obj} in a basket.",
         "{Name} was so {happy}. {He} could not wait.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_but} dark clouds came, and it started to rain.",
         "{Connect_but} the sky turned gray and big raindrops fell.",
-    )
-    s.say(
+    ),
+    (
         '"Oh no!" said {name}. "Now we can\'t go to the {place}."',
         "{Name} looked out of the window and felt {sad}.",
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} smiled and said, "We can have a picnic inside!"',
         '{His} {elder} said, "I know! Let\'s build a fort in the living room."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "They put a blanket on the floor and ate their {foods}.",
         "They made a fort with pillows and blankets and ate {foods} inside it.",
-    )
-    s.say(
+    ),
+    (
         "They told stories and listened to the rain.",
         "They sang songs and played games until the rain stopped.",
-    )
-    s.say(
+    ),
+    (
         '"This is the best picnic ever!" said {name}.',
         "{Name} laughed. It was even more fun than the {place}.",
-    )
-    return "rain"
+    ),
+)
 
 
-def _p_lost_way(s: _Story) -> str:
-    s.say(
+_P_LOST_WAY: tuple[Step, ...] = (
+    (
         "One {time}, {name} went to the {place} with {his} {elder}.",
         "{Name} and {his} {elder} went to the busy {place}.",
-    )
-    s.say(*PLACES[s.c["place"]])
-    s.new_paragraph()
-    s.say(
+    ),
+    _describe_place,
+    PARAGRAPH,
+    (
         "{Name} saw {a_color} butterfly and ran after it.",
         "{Name} saw a shiny {obj} and walked away to look at it.",
-    )
-    s.say(
+    ),
+    (
         "When {he} looked up, {his} {elder} was gone!",
         "{Connect_but} {name} looked around and could not see {his} {elder}.",
-    )
-    s.say(
+    ),
+    (
         "{Name} felt very {scared}.",
         '"Where are you?" cried {name}. {He} was {scared}.',
-    )
-    s.say(
+    ),
+    (
         "Then {he} remembered what {his} {elder} said: stay in one place and ask for help.",
         "{Name} stopped, took a deep breath and looked for someone to help.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{He} saw a kind lady at a shop and told the lady {his} name.",
         "{He} saw a police officer and said, \"I can't find my {elder}.\"",
-    )
-    s.say(
+    ),
+    (
         "Soon, {his} {elder} came running.",
         "A few minutes later, {name} heard {his} {elder} call {his} name.",
-    )
-    s.say(
+    ),
+    (
         '"{Name}! I was so worried!" said {his} {elder}, and gave {him} a big hug.',
         "{Name} ran to {his} {elder} and hugged {elder_him} tight.",
-    )
-    return "lost_way"
+    ),
+)
 
 
-def _p_lie(s: _Story) -> str:
-    s.say(
+_P_LIE: tuple[Step, ...] = (
+    (
         "{Name}'s {elder} baked a big {baked} for dinner.",
         "There was a plate of {bakeds} on the kitchen table.",
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} said, "Please don\'t eat them before dinner."',
         '"These are for later," said {his} {elder}.',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_but} {name} was hungry, and {he} ate one when no one was looking.",
         "{Name} could not wait. {He} took a big bite.",
-    )
-    s.say(
+    ),
+    (
         'Later, {his} {elder} asked, "Who ate the {baked}?"',
         '{His} {elder} looked at the plate and asked, "{Name}, did you eat it?"',
-    )
-    s.say(
+    ),
+    (
         '"It was not me," said {name}. "It was the {pet}!"',
         '"No," said {name}. But {his} face turned red.',
-    )
-    s.say(
+    ),
+    (
         "{Name} felt bad inside. {His} tummy hurt, and {he} could not smile.",
         "All evening, {name} felt {sad}. The lie felt heavy.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         'At bedtime, {name} said, "I am sorry. I ate it. I did not tell the truth."',
         '{Name} went to {his} {elder} and said, "It was me. I am sorry."',
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} hugged {him} and said, "Thank you for telling me the truth."',
         '{His} {elder} smiled and said, "I am proud of you for saying sorry."',
-    )
-    s.say(
+    ),
+    (
         "{Name} felt light and {happy} again.",
         "The next day, they baked {bakeds} together.",
-    )
-    return "lie"
+    ),
+)
 
 
-def _p_gift(s: _Story) -> str:
-    s.say(
+_P_GIFT: tuple[Step, ...] = (
+    (
         "Tomorrow was {his} {elder}'s birthday.",
         "{Name} wanted to give {his} {elder} a special gift.",
-    )
-    s.say(
+    ),
+    (
         "{Connect_but} {name} did not have any money.",
         "{He} looked in {his} piggy bank, but it was empty.",
-    )
-    s.say(
+    ),
+    (
         '"What can I give?" {name} asked {his} friend {fname}.',
         "{Name} felt {sad}. {He} did not know what to do.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         '{Fname} said, "You can make something! Gifts from the heart are the best."',
         "Then {name} had an idea.",
-    )
-    s.say(
+    ),
+    (
         "{Name} drew a picture of {his} {elder} and colored it {color}.",
         "{Name} picked some flowers in the garden and made a pretty card.",
         "{Name} baked a little {baked} with {a_color} heart on top.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "When {his} {elder} saw the gift, {elder_he} smiled a big smile.",
         "{His} {elder} opened the gift and {elder_his} eyes filled with happy tears.",
-    )
-    s.say(
+    ),
+    (
         '"This is the best gift ever," said {his} {elder}. "Thank you, {name}."',
         '"I love it," said {his} {elder}, and gave {name} a big hug.',
-    )
-    s.say("{Name} felt warm and {happy} inside.", "{Name} was so {proud}.")
-    return "gift"
+    ),
+    ("{Name} felt warm and {happy} inside.", "{Name} was so {proud}."),
+)
 
 
-def _p_new_friend(s: _Story) -> str:
-    s.say(
+_P_NEW_FRIEND: tuple[Step, ...] = (
+    (
         "{Name} and {his} family moved to a new house near the {place}.",
         "It was {name}'s first day at a new school.",
-    )
-    s.say(
+    ),
+    (
         "{He} did not know anyone, and {he} felt {sad} and lonely.",
         "Everyone already had friends. {Name} felt shy and {sad}.",
-    )
-    s.say(
+    ),
+    (
         '"Nobody wants to play with me," {name} said quietly.',
         '{Name} told {his} {elder}, "I miss my old friends."',
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} said, "Just smile and say hello. You will make a friend soon."',
         '{His} {elder} said, "Try to be brave, {name}. Someone may be lonely too."',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "The next {time}, {name} saw {a_ftrait} {fkind} named {fname} sitting alone.",
         "At the {place}, {name} saw {fname}, who was playing alone with {a_color} {obj}.",
-    )
-    s.say(
+    ),
+    (
         '{Name} walked over and said, "Hello! My name is {name}. Can I play too?"',
         '{Name} took a deep breath and said, "Hi! Do you want to be my friend?"',
-    )
-    s.say(
+    ),
+    (
         '{Fname} smiled. "Yes! I was feeling lonely too," {fhe} said.',
         '"I would like that very much," said {fname} with a big smile.',
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "They played together all {time} and laughed a lot.",
         "Soon {name} and {fname} were the best of friends.",
-    )
-    return "new_friend"
+    ),
+)
 
 
-def _p_mess(s: _Story) -> str:
-    s.say(
+_P_MESS: tuple[Step, ...] = (
+    (
         "One {time}, {name} wanted to paint a picture in the kitchen.",
         "One {time}, {name} decided to bake {bakeds} all by {himself}.",
-    )
-    s.say(
+    ),
+    (
         "{He} got out everything {he} needed and started to work.",
         "{He} was so excited that {he} did not wait for {his} {elder}.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Connect_but} {he} spilled everything on the floor!",
         "Soon there was a big mess on the floor, on the table and even on the {pet}.",
-    )
-    s.say(
+    ),
+    (
         '"Oh no," said {name}. "What a mess!"',
         "{Name} looked at the mess and felt {scared}.",
-    )
-    s.say(
+    ),
+    (
         "{He} wanted to hide, but {he} knew that was not right.",
         "{He} thought about running outside, but {he} stopped.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Name} got a cloth and began to clean.",
         "{Name} took a broom and a bucket of water.",
-    )
-    s.say(
+    ),
+    (
         "When {his} {elder} came in, the kitchen was almost clean.",
         "{His} {elder} came to help, and they cleaned it up together.",
-    )
-    s.say(
+    ),
+    (
         '{His} {elder} said, "Thank you for cleaning up, {name}. Next time, let\'s do it together."',
         '"You made a mess, but you fixed it," said {his} {elder}. "That is very grown-up."',
-    )
-    s.say("{Name} smiled and felt {proud}.", "{Name} felt {happy} and a little bit grown-up.")
-    return "mess"
+    ),
+    ("{Name} smiled and felt {proud}.", "{Name} felt {happy} and a little bit grown-up."),
+)
 
 
-def _p_sick(s: _Story) -> str:
-    s.say(
+_P_SICK: tuple[Step, ...] = (
+    (
         "One {time}, {name}'s friend {fname} was sick and had to stay in bed.",
         "One {time}, {fname} did not come to play. {Fhe} was sick.",
-    )
-    s.say(
+    ),
+    (
         "{Name} missed {fname} very much.",
         "{Name} felt {sad}. Playing was not fun without {fname}.",
-    )
-    s.say(
+    ),
+    (
         '"How can I help {fname} feel better?" {name} asked {his} {elder}.',
         "{Name} wanted to do something nice for {fhim}.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "{Name} made a card with a big {color} sun on it.",
         "{Name} and {his} {elder} made warm soup and brought it to {fname}'s house.",
         "{Name} picked {his} best {obj} to give to {fname}.",
-    )
-    s.say(
+    ),
+    (
         "{Fname} smiled when {fhe} saw it.",
         '"Thank you, {name}," said {fname}. "You are so kind."',
-    )
-    s.say(
+    ),
+    (
         "{Name} sat by the bed and read a story to {fname}.",
         "They talked and laughed, and {fname} felt a little better.",
-    )
-    s.new_paragraph()
-    s.say(
+    ),
+    PARAGRAPH,
+    (
         "A few days later, {fname} was well again.",
         "Soon {fname} was strong again and could come out to play.",
-    )
-    s.say(
+    ),
+    (
         "The two friends ran to the {place} and played all {time}.",
         '"Thank you for helping me," said {fname}. "You are my best friend."',
-    )
-    return "sick"
+    ),
+)
 
 
-PROBLEMS = [_p_lost, _p_stuck, _p_broken, _p_fear, _p_share, _p_animal, _p_skill, _p_contest, _p_rain, _p_lost_way, _p_lie, _p_gift,
-            _p_new_friend, _p_mess, _p_sick]
+# Plot name (also its key in MORALS) -> steps. The order is part of the output: make_story picks by index.
+PROBLEMS: dict[str, tuple[Step, ...]] = {
+    "lost": _P_LOST, "stuck": _P_STUCK, "broken": _P_BROKEN, "fear": _P_FEAR, "share": _P_SHARE, "animal": _P_ANIMAL,
+    "skill": _P_SKILL, "contest": _P_CONTEST, "rain": _P_RAIN, "lost_way": _P_LOST_WAY, "lie": _P_LIE, "gift": _P_GIFT,
+    "new_friend": _P_NEW_FRIEND, "mess": _P_MESS, "sick": _P_SICK,
+}
 FEELINGS = {
     "sad": ["sad", "upset", "unhappy", "sad"],
     "happy": ["happy", "glad", "happy", "joyful"],
@@ -957,26 +984,26 @@ def make_story(r: random.Random) -> str:
     c["skill"], c["skill_fail"], c["skill_win"] = skill, fail, win
     c["contest"] = s.pick(CONTESTS)
 
-    problem = s.pick(PROBLEMS)
-    if problem is _p_stuck:
+    problem = s.pick(list(PROBLEMS))
+    if problem == "stuck":
         c["obj"], c["spot"] = s.pick(STUCK)
-    elif problem is _p_broken:
+    elif problem == "broken":
         c["obj"] = s.pick(BREAKABLE)
         c["spot"] = "table"
     else:
-        c["obj"] = s.pick(LOSABLE if problem is _p_lost else TOYS)
+        c["obj"] = s.pick(LOSABLE if problem == "lost" else TOYS)
         c["spot"] = s.pick(["tree", "bench", "swings", "slide", "gate", "flowers", "pond"])
     c["a_color"] = _a(c["color"])
 
     _intro(s)
-    if problem not in (_p_fear, _p_skill, _p_lie, _p_gift, _p_new_friend, _p_sick) and r.random() < 0.3:
+    if problem not in ("fear", "skill", "lie", "gift", "new_friend", "sick") and r.random() < 0.3:
         s.say("{Name} had a friend named {fname}.", "{Name}'s best friend was {fname}.")
     s.new_paragraph()
-    moral_key = problem(s)
+    _tell(s, PROBLEMS[problem])
     s.new_paragraph()
     if r.random() < 0.5:
         s.say(*[e for e in ENDINGS if s.friend_seen or "fname" not in e])
-    s.say(*MORALS[moral_key])
+    s.say(*MORALS[problem])
     return s.text()
 
 
