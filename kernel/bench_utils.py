@@ -61,6 +61,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
             gc.enable()
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn over `steps` timed iterations after `warmup` untimed ones; every
+    iteration runs each fn once, alternating which goes first, so machine load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for it in range(warmup + steps):
+        for name in names if it % 2 == 0 else names[::-1]:
+            t = timed(fns[name], device)
+            if it >= warmup:
+                times[name].append(t)
+    return times
+
+
 def summarize(times: list[float]) -> dict[str, float]:
     return {
         "mean_s": statistics.fmean(times),

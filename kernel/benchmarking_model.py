@@ -44,13 +44,13 @@ from kernel.bench_utils import (
     exact_cpu_rss,
     measure_peak,
     fmt_bytes,
+    interleaved_times,
     machine_info,
     paired_speed_ratio,
     progress,
     resolve_device,
     summarize,
     sync,
-    timed,
 )
 from llm.config import MODEL_PRESETS, ModelConfig, model_preset
 from llm.hardware import peak_flops
@@ -133,15 +133,7 @@ def random_batch(cfg: ModelConfig, batch: int, device: torch.device, seed: int) 
 # ---------------------------------------------------------------- measuring
 def measure(runners: list[Runner], phase: str, x: torch.Tensor, y: torch.Tensor, warmup: int, steps: int) -> dict[str, list[float]]:
     """Interleaved: every iteration runs each runner once, alternating which goes first."""
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    device = x.device
-    for it in range(warmup + steps):
-        order = runners if it % 2 == 0 else runners[::-1]
-        for r in order:
-            t = timed(lambda r=r: r.fns[phase](x, y), device)
-            if it >= warmup:
-                times[r.name].append(t)
-    return times
+    return interleaved_times({r.name: (lambda r=r: r.fns[phase](x, y)) for r in runners}, x.device, warmup, steps)
 
 
 def phase_flops(cfg: ModelConfig, phase: str, tokens: int) -> float:

@@ -14,7 +14,6 @@ best geometric-mean speed over the lengths: the block sizes and launch options t
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 import torch.nn.functional as F
 
-from kernel.bench_utils import DTYPES, paired_speed_ratio, progress, resolve_device, timed
+from kernel.bench_utils import DTYPES, interleaved_times, paired_speed_ratio, progress, resolve_device
 from kernel.benchmarking_attention import make_inputs, run_pass
 
 # (block_q, block_k, num_warps, num_stages): the current default first, then the usual FA2 shapes
@@ -80,34 +79,34 @@ def main(argv: list[str] | None = None) -> int:
     print("| seq | config (BQxBKxWxS) | median ms | speed vs sdpa |\n|---:|---|---:|---:|")
     for s in seq_lens:
         q, k, v, do = make_inputs(args.batch_size, args.num_heads, s, args.head_dim, device, dtype, seed=0)
-        live = {}
-        for cfg in list(speeds):  # compile each config once, untimed; drop the ones that fail for good
+
+        def call(fn):  # one forward+backward on this length's inputs
+            return lambda: run_pass(fn, q, k, v, do, "fwd+bwd", device, dtype)
+
+        calls = {}
+        for cfg in list(speeds):
+            run = call(triton_fn(cfg))
             try:
-                run_pass(triton_fn(cfg), q, k, v, do, "fwd+bwd", device, dtype)
-                live[cfg] = triton_fn(cfg)
+                run()  # compiles the config, untimed; one that fails is dropped for good
             except Exception as e:  # noqa: BLE001 - Triton raises its own types for resources and compilation
                 print(f"| {s} | {'x'.join(map(str, cfg))} | failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''} | |")
-                speeds.pop(cfg, None)
-        times: dict = {name: [] for name in [*live, "sdpa"]}
-        fns = {**live, "sdpa": sdpa}
-        for it in range(args.warmup + args.steps):
-            for name, fn in fns.items():
-                t = timed(lambda fn=fn: run_pass(fn, q, k, v, do, "fwd+bwd", device, dtype), device)
-                if it >= args.warmup:
-                    times[name].append(t)
+                del speeds[cfg]
+                continue
+            calls[cfg] = run
+        times = interleaved_times({**calls, "sdpa": call(sdpa)}, device, args.warmup, args.steps)
         ref = times["sdpa"]
         print(f"| {s} | sdpa | {statistics.median(ref) * 1e3:.3f} | 1.00x |")
-        for cfg in live:
+        for cfg in calls:
             ratio = paired_speed_ratio(times[cfg], ref)
             speeds[cfg].append(ratio)
             print(f"| {s} | {'x'.join(map(str, cfg))} | {statistics.median(times[cfg]) * 1e3:.3f} | {ratio:.2f}x |")
         progress(f"tune: seq {s} done")
-    done = {cfg: r for cfg, r in speeds.items() if len(r) == len(seq_lens)}
-    if not done:
+    if not speeds:  # a failed config is dropped at once, so the survivors ran at every length
         print("no configuration ran at every length")
         return 1
-    best = max(done, key=lambda c: math.prod(done[c]) ** (1 / len(done[c])))
-    gm = math.prod(done[best]) ** (1 / len(done[best]))
+    gmeans = {cfg: statistics.geometric_mean(r) for cfg, r in speeds.items()}
+    best = max(gmeans, key=gmeans.get)
+    gm = gmeans[best]
     print(f"best: block_q={best[0]}, block_k={best[1]}, num_warps={best[2]}, num_stages={best[3]} "
           f"(geometric-mean speed vs sdpa {gm:.2f}x over seq {args.seq_lens})")
     return 0
