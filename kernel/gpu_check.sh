@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures kernel/README.md leaves open, in one run of about 6-9 minutes on an H100/H200.
+# The GPU figures kernel/README.md leaves open, in one run of about 5-7 minutes on an H100/H200.
 #
 #   bash kernel/gpu_check.sh                # results under $OUT if set, else kernel/results/
 #
@@ -12,7 +12,10 @@
 #      head dim 64, causal, 4k-16k (kernel/tune_flash_triton.py; its last line is the best config);
 #   3. attention, bf16, head dim 64, causal, 1k-16k, default launch: flash_triton vs F.sdpa
 #      (target >= 1.0x fwd+bwd at 4k-16k), with peak memory;
-#   4. the `small` model, bf16 autocast: ours vs the torch.nn reference, eager, with peak memory.
+#   4. the `small` model, bf16 autocast: ours vs the torch.nn reference, eager, with peak memory;
+#   5. the demo training run on CUDA, bf16 autocast (data, loop, eval, checkpoint, sample, plots), then
+#      the same run paused at step 100 and resumed with `--resume auto`: the two final losses must match;
+#   6. one-process DDP through torchrun (NCCL), 50 steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,14 +38,34 @@ step() {  # step <seconds> <title> <command...>
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || failed=1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 
-step 120 "1/4 FlashAttention tests on the GPU" \
+step 120 "1/6 FlashAttention tests on the GPU" \
     "$PY" -m pytest --noconftest -p no:cacheprovider -q -k "not snapshot" tests/test_flash_triton.py tests/test_flash_attention.py
-step 150 "2/4 Triton launch tuning, bf16, d 64" \
+step 120 "2/6 Triton launch tuning, bf16, d 64" \
     "$PY" kernel/tune_flash_triton.py --seq-lens 4096,8192,16384 --head-dim 64 --dtype bfloat16
-step 180 "3/4 attention benchmark, bf16, d 64" \
+step 120 "3/6 attention benchmark, bf16, d 64" \
     "$PY" kernel/benchmarking_attention.py --device cuda --dtype bfloat16 --head-dims 64 --batch-size 2 --num-heads 16 \
     --seq-lens 1024,4096,8192,16384 --impls flash_triton,sdpa,ours_causal --memory --out --results-dir "$OUTDIR"
-step 120 "4/4 model benchmark, small, bf16" \
+step 90 "4/6 model benchmark, small, bf16" \
     "$PY" kernel/benchmarking_model.py --preset small --device cuda --dtype bfloat16 --compare torch \
     --warmup 3 --steps 10 --memory --json "$OUTDIR/model_small_cuda_bf16.json"
+RUN=${TMPDIR:-/tmp}/llm_gpu_check
+rm -rf "$RUN"
+step 150 "5/6 demo training on CUDA, bf16, then paused at 100 and resumed" bash -c "
+    $PY -m llm.training --device cuda --out-dir $RUN/full --img-dir $OUTDIR &&
+    $PY -m llm.training --device cuda --out-dir $RUN/paused --stop-at 100 --no-plot --no-sample &&
+    $PY -m llm.training --device cuda --out-dir $RUN/paused --resume auto --no-plot --no-sample"
+echo "== resumed vs uninterrupted: train losses of steps 101-200, last val loss"
+"$PY" - "$RUN/full/metrics.jsonl" "$RUN/paused/metrics.jsonl" <<'EOF' || failed=1
+import json, sys
+runs = [[json.loads(line) for line in open(p)] for p in sys.argv[1:]]
+train = [{r["step"]: r["loss"] for r in run if r["type"] == "train" and r["step"] > 100} for run in runs]
+val = [[r["val_loss"] for r in run if r["type"] == "eval"][-1] for run in runs]
+diff = max(abs(train[0][s] - train[1][s]) for s in train[0])
+print(f"steps compared {len(train[0])}, max |loss diff| {diff:.3g}, val {val[0]:.6f} vs {val[1]:.6f}")
+sys.exit(0 if train[0].keys() == train[1].keys() and diff == 0 and val[0] == val[1] else 1)
+EOF
+cp "$RUN/full/metrics.jsonl" "$OUTDIR/train_demo_cuda_metrics.jsonl" 2>/dev/null
+step 90 "6/6 torchrun DDP, 1 process, NCCL" \
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m llm.training --device cuda \
+    --out-dir "$RUN/ddp" --max-steps 50 --eval-interval 25 --no-plot --no-sample
 exit $failed
