@@ -7,7 +7,7 @@ Implementations (q, k, v `b h s d`, causal):
 - ours:        llm.transformer.scaled_dot_product_attention with an (s s) bool mask (materialises P, saves it)
 - ours_causal: llm.ops.attention.causal_attention, the model's training path (recomputes P in backward)
 - flash:       llm.ops.flash_attention.flash_attention, FlashAttention-2 tiled in PyTorch
-- flash_triton: kernel/flash_attention_triton.py (CUDA only; the CPU interpreter is for tests, not timing)
+- flash_triton: llm/fast/flash_attention_triton.py (CUDA only; the CPU interpreter is for tests, not timing)
 - naive:       softmax(mask(q kᵀ/√d)) v in torch ops, autograd through everything (the textbook version)
 - sdpa:        F.scaled_dot_product_attention(is_causal=True), the reference the ratios are against
 All implementations of one (d, s) point are interleaved iteration by iteration. Points whose estimated
@@ -89,7 +89,7 @@ def get_impl(name: str, device: torch.device) -> Callable[[torch.Tensor, torch.T
     if name == "flash_triton":
         if device.type != "cuda":
             raise ValueError("flash_triton runs on CUDA only here (the CPU interpreter is for tests, far too slow to time)")
-        from kernel.flash_attention_triton import flash_attention_triton
+        from llm.fast.flash_attention_triton import flash_attention_triton
 
         return lambda q, k, v: flash_attention_triton(q, k, v, True)
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(ALL_IMPLS)}")

@@ -2,6 +2,7 @@
 # The GPU figures kernel/README.md leaves open, in one run of about 5-7 minutes on an H100/H200.
 #
 #   bash kernel/gpu_check.sh                # results under $OUT if set, else kernel/results/
+#   GPU_CHECK_STEPS="1 5" bash kernel/gpu_check.sh   # only these steps (a rerun after a fix)
 #
 # Made for a machine without network access that already has torch and triton (it uses `python3`, or
 # $PYTHON): no uv, no syrupy (the snapshot tests are left to CI). Each step has its own time limit, so
@@ -24,9 +25,12 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 failed=0
 
-step() {  # step <seconds> <title> <command...>
+STEPS=" ${GPU_CHECK_STEPS:-1 2 3 4 5 6} "
+
+step() {  # step <seconds> <title starting with its number, "N/6"> <command...>
     local limit=$1 title=$2
     shift 2
+    [[ $STEPS == *" ${title%%/*} "* ]] || return 0
     echo "== $title (limit ${limit}s)"
     local t0=$SECONDS
     timeout "$limit" "$@"
@@ -54,6 +58,7 @@ step 150 "5/6 demo training on CUDA, bf16, then paused at 100 and resumed" bash 
     $PY -m llm.training --device cuda --out-dir $RUN/full --img-dir $OUTDIR &&
     $PY -m llm.training --device cuda --out-dir $RUN/paused --stop-at 100 --no-plot --no-sample &&
     $PY -m llm.training --device cuda --out-dir $RUN/paused --resume auto --no-plot --no-sample"
+if [[ $STEPS == *" 5 "* ]]; then
 echo "== resumed vs uninterrupted: train losses of steps 101-200, last val loss"
 "$PY" - "$RUN/full/metrics.jsonl" "$RUN/paused/metrics.jsonl" <<'EOF' || failed=1
 import json, sys
@@ -64,7 +69,8 @@ diff = max(abs(train[0][s] - train[1][s]) for s in train[0])
 print(f"steps compared {len(train[0])}, max |loss diff| {diff:.3g}, val {val[0]:.6f} vs {val[1]:.6f}")
 sys.exit(0 if train[0].keys() == train[1].keys() and diff == 0 and val[0] == val[1] else 1)
 EOF
-cp "$RUN/full/metrics.jsonl" "$OUTDIR/train_demo_cuda_metrics.jsonl" 2>/dev/null
+cp "$RUN/full/metrics.jsonl" "$OUTDIR/train_demo_cuda_metrics.jsonl"
+fi
 step 90 "6/6 torchrun DDP, 1 process, NCCL" \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m llm.training --device cuda \
     --out-dir "$RUN/ddp" --max-steps 50 --eval-interval 25 --no-plot --no-sample

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if device.type != "cuda":
             raise ValueError("tuning needs a CUDA device (the CPU interpreter is for tests, far too slow to time)")
-        from kernel.flash_attention_triton import flash_attention_triton
+        from llm.fast.flash_attention_triton import flash_attention_triton
 
         dtype = DTYPES[args.dtype]
         configs = parse_configs(args.configs) if args.configs else CONFIGS

@@ -429,6 +429,10 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores: ~8x, loss unaffected
         torch.backends.cudnn.allow_tf32 = True
+        # exact resume needs the same numbers twice: index_add_ (embedding and lm_head backward) sums with
+        # atomics on CUDA unless deterministic algorithms are asked for, and cuBLAS needs a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = Path(cfg.out_dir)
     result = TrainResult(run_dir=run_dir, step=0)
 

@@ -7,6 +7,8 @@ with `load_state_dict`.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from typing import NamedTuple
 
@@ -18,6 +20,7 @@ from llm.kv_cache import KVCache
 from llm.ops.attention import causal_attention, scaled_dot_product_attention
 from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llm.ops.embedding import embedding
+from llm.ops.flash_attention import flash_attention
 from llm.ops.linear import linear, linears
 from llm.ops.rmsnorm import rms_norm
 from llm.ops.rope import rope, rope_rotate, rotation
@@ -47,7 +50,7 @@ __all__ = [
     "softmax",
 ]
 
-ATTN_IMPLS = ("auto", "ours", "flash")
+ATTN_IMPLS = ("auto", "ours", "flash", "triton")
 
 
 class Linear(nn.Module):
@@ -169,6 +172,12 @@ class RoPE(nn.Module):
         return rope(x, cos, sin)
 
 
+@functools.cache
+def _cuda_attention() -> str:
+    """The causal training attention on CUDA: the Triton kernels when Triton is installed."""
+    return "triton" if importlib.util.find_spec("triton") is not None else "flash"
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with RoPE on Q, K (when theta is given) and grouped-query
     attention (num_kv_heads < num_heads: each K/V head serves num_heads / num_kv_heads query heads)."""
@@ -207,16 +216,20 @@ class MultiHeadAttention(nn.Module):
             self.rope = RoPE(theta, self.head_dim, max_seq_len, device=device)
 
     def _attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Training path: (b h s d) causal attention with K/V heads already expanded."""
+        """Training path: (b h s d) causal attention with K/V heads already expanded.
+        `attn_impl`: "ours" the blocked Function (fast on CPU), "flash" FlashAttention-2 in PyTorch,
+        "triton" FlashAttention-2 as Triton kernels; "auto" = triton on CUDA (flash where Triton is
+        missing), ours elsewhere. A Python loop of small launches is slow on a GPU; one kernel is not."""
         impl = self.attn_impl
-        if impl == "flash" or (impl == "auto" and q.device.type == "cuda"):
-            try:
-                from llm.ops.flash_attention import flash_attention  # written by the kernel helper
-            except ImportError:
-                if impl == "flash":
-                    raise
-            else:
-                return flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), True)
+        if impl == "auto":
+            impl = _cuda_attention() if q.device.type == "cuda" else "ours"
+        if impl == "triton":
+            # imported here: Triton is optional (not on macOS) and heavy to import
+            from llm.fast.flash_attention_triton import flash_attention_triton
+
+            return flash_attention_triton(q, k, v, True)
+        if impl == "flash":
+            return flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), True)
         return causal_attention(q, k, v)
 
     def forward(
