@@ -73,6 +73,33 @@ def test_compiled_path_custom_op(monkeypatch) -> None:
     torch.library.opcheck(ce_mod._lce_op, (h2.detach(), w2.detach(), t.reshape(-1), False))
 
 
+def test_mixed_precision_loop_matches_float64(monkeypatch) -> None:
+    """The GPU autocast loop (chunk GEMMs in bf16, statistics and sums in fp32) against float64 math on
+    the same bf16-rounded h and W, through F.linear + F.cross_entropy; bf16 tolerance."""
+    monkeypatch.setattr(ce_mod, "LOWP_CHUNK_ELEMS", 4 * 50)  # 4 tokens per chunk: 15 = 4+4+4+3
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(15, 12, generator=gen)
+    w = torch.randn(50, 12, generator=gen)
+    t = torch.randint(0, 50, (15,), generator=gen)
+    t[3] = t[4]  # a repeated target: the one-hot terms of dW must add up
+    hd, wd = (x.bfloat16().double().requires_grad_() for x in (h, w))
+    ref = F.cross_entropy(F.linear(hd, wd), t)
+    dh_ref, dw_ref = torch.autograd.grad(ref, (hd, wd))
+    loss, dh, dw = ce_mod._linear_cross_entropy_lowp(h, w, t, True, torch.bfloat16)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-3, atol=1e-3)
+    for name, ours, want in (("dh", dh, dh_ref), ("dw", dw, dw_ref)):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item(), msg=name)
+    loss_only, none_h, none_w = ce_mod._linear_cross_entropy_lowp(h, w, t, False, torch.bfloat16)
+    assert loss_only == loss and none_h.numel() == none_w.numel() == 0
+    # through the Function, with dloss != 1
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = ce_mod.LinearCrossEntropyFn.apply(hg, wg, t, True, torch.bfloat16)
+    (2.5 * out).backward()
+    torch.testing.assert_close(hg.grad, 2.5 * dh)
+    torch.testing.assert_close(wg.grad, 2.5 * dw)
+
+
 def test_errors() -> None:
     with pytest.raises(ValueError, match="integer"):
         cross_entropy(torch.randn(3, 5), torch.zeros(3))

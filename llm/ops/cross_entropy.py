@@ -54,6 +54,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 # Tokens per chunk of the fused loss: (chunk vocab) logits buffer, reused.
 FUSED_CHUNK = 512
+# Logits per chunk of the mixed-precision loop (GPU, autocast): fewer, larger GEMMs (256 MiB of fp32).
+LOWP_CHUNK_ELEMS = 1 << 26
 
 
 def _linear_cross_entropy(
@@ -99,10 +101,49 @@ def _linear_cross_entropy(
     return (loss / n).to(h2.dtype), dh.to(h2.dtype), dw.to(weight.dtype)
 
 
+def _linear_cross_entropy_lowp(
+    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, gemm_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same loss and gradients with the chunk GEMMs in `gemm_dtype` (bf16/fp16 under autocast, as
+    autocast runs the lm_head matmul) and the softmax statistics, dh and dW accumulated in fp32."""
+    n, vocab = h2.shape[0], weight.shape[0]
+    hg, wg = h2.to(gemm_dtype), weight.to(gemm_dtype)
+    t = t.long()
+    chunk = max(1, min(n, LOWP_CHUNK_ELEMS // vocab))
+    loss = torch.zeros((), device=h2.device, dtype=torch.float32)
+    if need_grad:
+        dh = torch.empty(h2.shape, device=h2.device, dtype=torch.float32)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        w_scaled = wg.float().mul_(1.0 / n)  # W/N, for the one-hot term of dh
+    for i in range(0, n, chunk):
+        j = min(n, i + chunk)
+        z = torch.mm(hg[i:j], wg.t()).float()  # (rows vocab) logits
+        ti = t[i:j]
+        m = z.amax(-1, keepdim=True)
+        loss -= z.gather(-1, ti[:, None]).sum()
+        z.sub_(m).exp_()  # E = exp(z − m)
+        s = z.sum(-1, keepdim=True)
+        loss += (s.log() + m).sum()
+        if need_grad:  # as in the fp32 loop: dh = r ⊙ (E W) − W[t]/N, dW = Eᵀ (r ⊙ h) − scatter_t(h)/N
+            r = s.reciprocal_().mul_(1.0 / n)
+            e = z.to(gemm_dtype)
+            torch.mul(torch.mm(e, wg), r, out=dh[i:j]).sub_(w_scaled.index_select(0, ti))
+            dw += torch.mm(e.t(), (hg[i:j] * r).to(gemm_dtype))
+            dw.index_add_(0, ti, hg[i:j].float(), alpha=-1.0 / n)
+    if not need_grad:
+        return (loss / n).to(h2.dtype), h2.new_empty(0), weight.new_empty(0)
+    return (loss / n).to(h2.dtype), dh.to(h2.dtype), dw.to(weight.dtype)
+
+
 class LinearCrossEntropyFn(Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> torch.Tensor:
-        loss, dh, dw = _linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool,
+                gemm_dtype: torch.dtype | None) -> torch.Tensor:
+        args = (h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)
+        if gemm_dtype is None:
+            loss, dh, dw = _linear_cross_entropy(*args)
+        else:
+            loss, dh, dw = _linear_cross_entropy_lowp(*args, gemm_dtype)
         if need_grad:
             ctx.save_for_backward(dh.view(h.shape), dw)
         return loss
@@ -113,8 +154,8 @@ class LinearCrossEntropyFn(Function):
         # the usual loss.backward() on CPU: hand back the saved grads without a copy (on CUDA the
         # check would force a device sync, so just scale)
         if dloss.device.type == "cpu" and float(dloss) == 1.0:
-            return dh, dw, None, None
-        return dh * dloss, dw * dloss, None, None
+            return dh, dw, None, None, None
+        return dh * dloss, dw * dloss, None, None, None
 
 
 # The same loop as an opaque custom op for torch.compile: Dynamo would unroll the chunk loop and Inductor
@@ -151,7 +192,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """cross_entropy(h Wᵀ, targets) for h (... d), W (vocab d), without materialising all logits."""
     _check_targets(torch.Size((*h.shape[:-1], weight.shape[0])), targets)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    with torch.autocast(h.device.type, enabled=False):  # out= buffers; loss statistics in fp32
+    # Under autocast on a GPU the GEMMs run in the autocast dtype (fp32 GEMMs there cost more than the
+    # rest of the loss); on a CPU, and when compiling, the fp32 loop with its reused buffers.
+    device = h.device.type
+    lowp = device != "cpu" and torch.is_autocast_enabled(device)
+    gemm_dtype = torch.get_autocast_dtype(device) if lowp else None
+    with torch.autocast(device, enabled=False):  # out= buffers; loss statistics in fp32
         if torch.compiler.is_compiling():
             return _lce_op(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)[0]
-        return LinearCrossEntropyFn.apply(h, weight, targets, need_grad)
+        return LinearCrossEntropyFn.apply(h, weight, targets, need_grad, gemm_dtype)
