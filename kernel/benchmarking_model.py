@@ -173,7 +173,8 @@ def measure_memory(runners: list[Runner], phases: list[str], x: torch.Tensor, y:
             snap = snapshot_dir / f"memory_{r.name}_{phase.replace('+', '_')}.pickle" if snapshot_dir and phase == "step" else None
             with cuda_memory_history(device, snap):
                 m = measure_peak(lambda: r.fns[phase](x, y), device)
-            out[f"{r.name}/{phase}"] = {**m, "snapshot": str(snap) if snap else None}
+            shown = snap.relative_to(REPO) if snap and snap.is_relative_to(REPO) else snap  # no machine paths in results
+            out[f"{r.name}/{phase}"] = {**m, "snapshot": str(shown) if snap else None}
     return out
 
 
