@@ -16,7 +16,9 @@
 #   4. the `small` model, bf16 autocast: ours vs the torch.nn reference, eager, with peak memory;
 #   5. the demo training run on CUDA, bf16 autocast (data, loop, eval, checkpoint, sample, plots), then
 #      the same run paused at step 100 and resumed with `--resume auto`: the two final losses must match;
-#   6. one-process DDP through torchrun (NCCL), 50 steps.
+#   6. one-process DDP through torchrun (NCCL), 50 steps;
+#   7. generation (KV cache, sampled and beam search) and perplexity of step 5's model on CUDA, and the
+#      KV-cache decoding benchmark (cache vs recomputing the window).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,9 +27,9 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 failed=0
 
-STEPS=" ${GPU_CHECK_STEPS:-1 2 3 4 5 6} "
+STEPS=" ${GPU_CHECK_STEPS:-1 2 3 4 5 6 7} "
 
-step() {  # step <seconds> <title starting with its number, "N/6"> <command...>
+step() {  # step <seconds> <title starting with its number, "N/7"> <command...>
     local limit=$1 title=$2
     shift 2
     [[ $STEPS == *" ${title%%/*} "* ]] || return 0
@@ -42,19 +44,19 @@ step() {  # step <seconds> <title starting with its number, "N/6"> <command...>
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || failed=1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 
-step 120 "1/6 FlashAttention tests on the GPU" \
+step 120 "1/7 FlashAttention tests on the GPU" \
     "$PY" -m pytest --noconftest -p no:cacheprovider -q -k "not snapshot" tests/test_flash_triton.py tests/test_flash_attention.py
-step 120 "2/6 Triton launch tuning, bf16, d 64" \
+step 120 "2/7 Triton launch tuning, bf16, d 64" \
     "$PY" kernel/tune_flash_triton.py --seq-lens 4096,8192,16384 --head-dim 64 --dtype bfloat16
-step 120 "3/6 attention benchmark, bf16, d 64" \
+step 120 "3/7 attention benchmark, bf16, d 64" \
     "$PY" kernel/benchmarking_attention.py --device cuda --dtype bfloat16 --head-dims 64 --batch-size 2 --num-heads 16 \
     --seq-lens 1024,4096,8192,16384 --impls flash_triton,sdpa,ours_causal --memory --out --results-dir "$OUTDIR"
-step 90 "4/6 model benchmark, small, bf16" \
+step 90 "4/7 model benchmark, small, bf16" \
     "$PY" kernel/benchmarking_model.py --preset small --device cuda --dtype bfloat16 --compare torch \
     --warmup 3 --steps 10 --memory --json "$OUTDIR/model_small_cuda_bf16.json"
 RUN=${TMPDIR:-/tmp}/llm_gpu_check
-rm -rf "$RUN"
-step 150 "5/6 demo training on CUDA, bf16, then paused at 100 and resumed" bash -c "
+[[ $STEPS == *" 5 "* ]] && rm -rf "$RUN"
+step 150 "5/7 demo training on CUDA, bf16, then paused at 100 and resumed" bash -c "
     $PY -m llm.training --device cuda --out-dir $RUN/full --img-dir $OUTDIR &&
     $PY -m llm.training --device cuda --out-dir $RUN/paused --stop-at 100 --no-plot --no-sample &&
     $PY -m llm.training --device cuda --out-dir $RUN/paused --resume auto --no-plot --no-sample"
@@ -71,7 +73,12 @@ sys.exit(0 if train[0].keys() == train[1].keys() and diff == 0 and val[0] == val
 EOF
 cp "$RUN/full/metrics.jsonl" "$OUTDIR/train_demo_cuda_metrics.jsonl"
 fi
-step 90 "6/6 torchrun DDP, 1 process, NCCL" \
+step 90 "6/7 torchrun DDP, 1 process, NCCL" \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m llm.training --device cuda \
     --out-dir "$RUN/ddp" --max-steps 50 --eval-interval 25 --no-plot --no-sample
+step 120 "7/7 generation, evaluation and KV-cache decoding on CUDA" bash -c "
+    $PY -m llm.generating --device cuda --checkpoint $RUN/full --prompt 'Once upon a time' --max-new-tokens 80 --seed 0 &&
+    $PY -m llm.generating --device cuda --checkpoint $RUN/full --prompt 'The little dog' --max-new-tokens 40 --num-beams 4 &&
+    $PY -m llm.evaluate --device cuda --checkpoint $RUN/full &&
+    $PY kernel/benchmarking_generation.py --device cuda --json $OUTDIR/generation_cuda.json"
 exit $failed
