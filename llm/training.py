@@ -236,19 +236,34 @@ def find_latest_checkpoint(out_dir: str | Path) -> Path | None:
     return latest_checkpoint(d) if d.is_dir() else None
 
 
-def resolve_resume(resume: str, out_dir: str) -> Path | None:
-    """--resume auto -> newest checkpoint in out_dir (None: start fresh); a run dir -> its newest; a file -> it."""
+def resolve_resume(resume: str, out_dir: str, say: Callable[[str], None] | None = None) -> Path | None:
+    """--resume auto -> newest intact checkpoint in out_dir (None: start fresh); a run dir -> its newest intact
+    one; a file -> it. `say` gets one line when damaged newer checkpoints were passed over."""
     if resume == "auto":
-        return find_latest_checkpoint(out_dir)
+        return _newest_intact(Path(out_dir), resume, say)
     p = Path(resume)
     if p.is_dir():
-        found = find_latest_checkpoint(p)
+        found = _newest_intact(p, resume, say)
         if found is None:
             raise ValueError(f"--resume {resume}: no checkpoints/step_*.pt in that directory")
         return found
     if not p.is_file():
         raise ValueError(f"--resume {resume}: no such checkpoint file or run directory")
     return p
+
+
+def _newest_intact(run_dir: Path, resume: str, say: Callable[[str], None] | None) -> Path | None:
+    """The newest step checkpoint of run_dir that is intact (checksum, or loads); a damaged newer one is
+    passed over with one line saying which was used; ValueError when none is intact."""
+    from llm.checkpoint import latest_intact_checkpoint
+
+    d = run_dir / "checkpoints"
+    found, skipped = latest_intact_checkpoint(d) if d.is_dir() else (None, [])
+    if found is None and skipped:
+        raise ValueError(f"--resume {resume}: no intact checkpoint in {d}: {'; '.join(skipped)}")
+    if skipped and say is not None:
+        say(f"--resume {resume}: {'; '.join(skipped)}; resuming from {found}")
+    return found
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -433,7 +448,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     result = TrainResult(run_dir=run_dir, step=0)
 
     # ---- resume: find the checkpoint, check it fits --------------------------------------------------
-    ckpt_path = resolve_resume(resume, cfg.out_dir) if resume else None
+    ckpt_path = resolve_resume(resume, cfg.out_dir, say=log) if resume else None
     ckpt: dict | None = None
     if resume == "auto" and ckpt_path is None:
         log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")

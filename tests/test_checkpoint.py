@@ -6,6 +6,7 @@ and parameter after resuming must be bit-identical to it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -22,7 +23,9 @@ from llm.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
     capture_rng_state,
+    checksum_path,
     latest_checkpoint,
+    latest_intact_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     read_checkpoint,
@@ -31,6 +34,7 @@ from llm.checkpoint import (
     save_checkpoint,
 )
 from llm.optim import AdamW, cos_lr_scheduler, gradient_clip
+from tests.corrupt import scribble_tensor_bytes, truncate
 
 
 class Tiny(nn.Module):
@@ -141,7 +145,7 @@ def test_crash_mid_write_keeps_previous_file(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(Tiny(), None, 2, path)
     assert path.read_bytes() == before and read_checkpoint(path)["iteration"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256"]  # no temp file left behind
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
@@ -164,7 +168,7 @@ def test_kill_9_during_save_never_leaves_partial_latest(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) == ckpts / "step_0000001.pt"
     assert read_checkpoint(latest_checkpoint(tmp_path))["iteration"] == 1
     assert prune_checkpoints(tmp_path, keep_last=5) == leftovers  # stale temp files are cleaned up
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000001.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000001.pt", "step_0000001.pt.sha256"]
 
 
 def test_rng_round_trip_is_weights_only_safe(tmp_path: Path) -> None:
@@ -265,3 +269,45 @@ def test_state_dict_mismatch_names_keys(tmp_path: Path) -> None:
     two = Tiny()
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         load_checkpoint(path, two, AdamW([{"params": [two.w]}, {"params": [two.b]}]))
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def test_checksum_is_written_beside_and_verified_on_every_load(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "step_0000003.pt"
+    model = Tiny(64)  # a 16 KiB weight: room to scribble inside one tensor's data
+    save_checkpoint(model, AdamW(model.parameters()), 3, path)
+    digest, name = checksum_path(path).read_text().split()
+    assert name == path.name and digest == hashlib.sha256(path.read_bytes()).hexdigest()  # `sha256sum -c` format
+    assert read_checkpoint(path)["iteration"] == 3
+    scribble_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step_0000003\.pt is corrupt: checksum mismatch") as e:
+        load_checkpoint(path, Tiny(64))
+    assert "\n" not in str(e.value)
+    # without the checksum the damage goes unnoticed: torch.load reads NaNs (why the checksum exists)
+    checksum_path(path).unlink()
+    assert torch.isnan(read_checkpoint(path)["model"]["w"]).any()
+
+
+def test_checkpoints_without_a_checksum_still_load(tmp_path: Path) -> None:
+    torch.save({"model": Tiny().state_dict(), "iteration": 4}, tmp_path / "old.pt")  # written before checksums
+    assert load_checkpoint(tmp_path / "old.pt", Tiny()) == 4
+    save_checkpoint(Tiny(), None, 5, tmp_path / "best.pt")
+    save_checkpoint(Tiny(), None, 6, tmp_path / "best.pt")  # overwriting replaces the checksum too
+    assert read_checkpoint(tmp_path / "best.pt")["iteration"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256", "old.pt"]
+
+
+def test_latest_intact_checkpoint_skips_damaged_ones(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        save_checkpoint(Tiny(64), None, step, ckpts / f"step_{step:07d}.pt")
+    truncate(ckpts / "step_0000015.pt")
+    scribble_tensor_bytes(ckpts / "step_0000010.pt")
+    path, skipped = latest_intact_checkpoint(tmp_path)
+    assert path == ckpts / "step_0000005.pt"
+    assert len(skipped) == 2 and "step_0000015.pt" in skipped[0] and "checksum mismatch" in skipped[1]
+    truncate(ckpts / "step_0000005.pt")
+    assert latest_intact_checkpoint(tmp_path)[0] is None
+    assert latest_intact_checkpoint(tmp_path / "nowhere") == (None, [])

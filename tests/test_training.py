@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from llm import training
+from llm.generating import load_model
 from llm.train_config import TrainConfig, load_toml, merge, train_preset
 from llm.training import TrainingError, batch_rng, global_micro_index, main, train, unigram_entropy
+from tests.corrupt import scribble_tensor_bytes, truncate
 
 VOCAB = 64
 
@@ -72,7 +74,8 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path) -> None:
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert steps == [5, 10, 15, 20]
     ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
-    assert ckpts == ["best.pt", "step_0000015.pt", "step_0000020.pt"]  # keep_last=2 plus best
+    names = ["best.pt", "step_0000015.pt", "step_0000020.pt"]  # keep_last=2 plus best
+    assert ckpts == sorted(names + [n + ".sha256" for n in names])  # each with its checksum
     saved = torch.load(second.checkpoint, map_location="cpu", weights_only=True)
     for key in ("model", "optimizer", "iteration", "model_config", "train_config", "rng", "sampler", "best_val"):
         assert key in saved
@@ -238,3 +241,28 @@ def test_unigram_entropy_matches_a_float64_count(ref_snapshot) -> None:
     reference = -sum(c / n * math.log(c / n) for c in counts.values())
     stored = ref_snapshot({"entropy": np.float64(reference)}, rtol=1e-12, atol=0)
     assert unigram_entropy(tokens, VOCAB) == pytest.approx(float(stored["entropy"]), rel=1e-12)
+
+
+# -------------------------------------------------------------------------------- nothing lost (issue #12)
+ONE_LAYER = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64)
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(data_dir: Path, tmp_path: Path, capsys) -> None:
+    full = train(_cfg(data_dir, tmp_path / "full", max_steps=12, model=ONE_LAYER), quiet=True)
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, max_steps=12, model=ONE_LAYER)
+    train(cfg, stop_at=10, quiet=True)
+    ckpts = run / "checkpoints"
+    scribble_tensor_bytes(ckpts / "step_0000010.pt")  # loads without complaint, NaNs and all, unless checked
+    assert main(["--resume", str(ckpts / "step_0000010.pt"), "--out-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_0000010.pt is corrupt: checksum mismatch" in err[0]
+    with pytest.raises(ValueError, match=r"step_0000010\.pt is corrupt: checksum mismatch"):
+        load_model(ckpts / "step_0000010.pt")  # generation and evaluation load through the same check
+    truncate(ckpts / "step_0000010.pt")
+    rest = train(cfg, resume="auto")
+    err = capsys.readouterr().err
+    used = [ln for ln in err.splitlines() if "corrupt" in ln]
+    assert len(used) == 1 and "step_0000010.pt" in used[0] and "resuming from" in used[0]
+    assert used[0].endswith("step_0000005.pt")
+    assert {s: full.losses[s] for s in range(6, 13)} == rest.losses  # the same run, from step 5 on
