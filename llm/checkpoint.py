@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import pickle
 import random
 import re
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -36,6 +38,7 @@ CORE_KEYS = ("model", "optimizer", "iteration")
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"  # temp files: .tmp-<target name>-<random>; never matched by STEP_RE
 CHECKSUM_SUFFIX = ".sha256"  # X.pt -> X.pt.sha256
+RETIRED_DIR = "retired"  # checkpoints/retired/<timestamp>/: what an abandoned branch left, moved aside whole
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 T = TypeVar("T")
@@ -416,3 +419,71 @@ def prune_checkpoints(directory: StrPath, keep_last: int, *, keep: Iterable[StrP
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def checkpoint_step(path: StrPath) -> int | None:
+    """The iteration a checkpoint was saved at, read without loading its tensors (mmap); None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["iteration"])
+    except Exception:  # any damage means "not known to belong to the kept history"; torch raises many types
+        return None
+
+
+def _jsonl_after(path: Path, step: int) -> list[str]:
+    """The lines of a JSON-lines log whose record has a "step" beyond `step`."""
+    if not path.is_file():
+        return []
+    tail = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            tail.append(line)
+    return tail
+
+
+def _new_retired_dir(directory: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        dest = directory / RETIRED_DIR / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            dest.mkdir(parents=True)
+            return dest
+        except FileExistsError:
+            continue
+    raise CheckpointError(f"cannot make a new folder in {directory / RETIRED_DIR}: 999 exist for {stamp}")
+
+
+def retire_checkpoints(directory: StrPath, after_step: int, *, metrics: StrPath | None = None
+                       ) -> tuple[Path | None, list[str]]:
+    """Move what lies beyond `after_step` out of the way, deleting nothing: step files with a larger step,
+    best.pt when it was saved after that step (or cannot be read), each with its checksum, into
+    DIR/retired/<timestamp>/, and copy there (as metrics.jsonl) the records of `metrics` after that step
+    (the live log is trimmed by its writer). Returns (that folder, one label per thing retired), or
+    (None, []) when nothing lay beyond `after_step`."""
+    directory = _checkpoint_dir(directory)
+    later = [(p, p.name) for s, p in _step_files(directory) if s > after_step]
+    best = directory / "best.pt"
+    if best.is_file():
+        step = checkpoint_step(best)
+        if step is None or step > after_step:
+            later.append((best, f"best.pt (step {step})" if step is not None else "best.pt (unreadable)"))
+    tail = _jsonl_after(Path(metrics), after_step) if metrics is not None else []
+    if not later and not tail:
+        return None, []
+    dest = _new_retired_dir(directory)
+    for p, _ in later:
+        os.replace(p, dest / p.name)
+        if checksum_path(p).is_file():
+            os.replace(checksum_path(p), dest / checksum_path(p).name)
+    if tail:
+        _atomic_write(dest / "metrics.jsonl", lambda f: f.write("".join(t + "\n" for t in tail).encode()))
+    _fsync_dir(directory)
+    _fsync_dir(dest)
+    return dest, [label for _, label in later] + ([f"{len(tail)} metrics records"] if tail else [])
+

@@ -266,6 +266,17 @@ def _newest_intact(run_dir: Path, resume: str, say: Callable[[str], None] | None
     return found
 
 
+def _retire_abandoned_branch(cfg: TrainConfig, step: int, log: Callable[..., None]) -> None:
+    """Resuming at `step` continues one history: later checkpoints (and a best.pt from after `step`) would be
+    picked by the next --resume auto and pruned against the new ones, and later metrics records would
+    interleave with the redone steps. Move them to checkpoints/retired/<timestamp>/, saying so in one line."""
+    from llm.checkpoint import retire_checkpoints
+
+    dest, moved = retire_checkpoints(checkpoint_dir(cfg), step, metrics=Path(cfg.out_dir) / "metrics.jsonl")
+    if dest is not None:
+        log(f"resuming at step {step}: moved what came after it ({', '.join(moved)}) to {dest} (retired, not deleted)")
+
+
 def _read_checkpoint(path: Path) -> dict:
     from llm.checkpoint import read_checkpoint
 
@@ -531,6 +542,8 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
         checkpoint_dir(cfg).mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            _retire_abandoned_branch(cfg, start_step, log)
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step if ckpt is not None else None)
     tok_dir = tokenizer_dir_for(cfg)
     n_params = sum(p.numel() for p in params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import random
@@ -31,6 +32,7 @@ from llm.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
+    retire_checkpoints,
     save_checkpoint,
 )
 from llm.optim import AdamW, cos_lr_scheduler, gradient_clip
@@ -311,3 +313,38 @@ def test_latest_intact_checkpoint_skips_damaged_ones(tmp_path: Path) -> None:
     truncate(ckpts / "step_0000005.pt")
     assert latest_intact_checkpoint(tmp_path)[0] is None
     assert latest_intact_checkpoint(tmp_path / "nowhere") == (None, [])
+
+
+def test_prune_keeps_protected_files_and_takes_checksums_along(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(Tiny(), None, step, ckpts / f"step_{step:07d}.pt")
+    (ckpts / "step_0000009.pt.sha256").write_text("0  step_0000009.pt\n")  # its checkpoint is gone
+    removed = prune_checkpoints(tmp_path, keep_last=1, keep=[ckpts / "step_0000002.pt"])
+    assert sorted(p.name for p in removed) == ["step_0000001.pt", "step_0000001.pt.sha256", "step_0000003.pt",
+                                               "step_0000003.pt.sha256", "step_0000009.pt.sha256"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002.pt", "step_0000002.pt.sha256",
+                                                       "step_0000004.pt", "step_0000004.pt.sha256"]
+
+
+def test_retire_moves_the_later_branch_aside(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        save_checkpoint(Tiny(), None, step, ckpts / f"step_{step:07d}.pt")
+    save_checkpoint(Tiny(), None, 15, ckpts / "best.pt")
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"type": "train", "step": s}) for s in (5, 10, 11, 15)]
+    metrics.write_text("\n".join(lines) + "\n")
+    dest, moved = retire_checkpoints(ckpts, 10, metrics=metrics)
+    assert dest is not None and dest.parent == ckpts / "retired"
+    assert moved == ["step_0000015.pt", "best.pt (step 15)", "2 metrics records"]
+    assert sorted(p.name for p in dest.iterdir()) == ["best.pt", "best.pt.sha256", "metrics.jsonl", "step_0000015.pt",
+                                                      "step_0000015.pt.sha256"]
+    assert (dest / "metrics.jsonl").read_text().splitlines() == lines[2:]
+    assert metrics.read_text().splitlines() == lines  # the live log is trimmed by its writer, not here
+    assert sorted(p.name for p in ckpts.iterdir()) == ["retired", "step_0000005.pt", "step_0000005.pt.sha256",
+                                                       "step_0000010.pt", "step_0000010.pt.sha256"]
+    assert read_checkpoint(dest / "step_0000015.pt")["iteration"] == 15  # moved whole, checksum and all
+    assert retire_checkpoints(ckpts, 10) == (None, [])  # nothing beyond step 10 any more
+    save_checkpoint(Tiny(), None, 5, ckpts / "best.pt")
+    assert retire_checkpoints(ckpts, 10) == (None, [])  # a best.pt from the kept history stays

@@ -247,6 +247,38 @@ def test_unigram_entropy_matches_a_float64_count(ref_snapshot) -> None:
 ONE_LAYER = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64)
 
 
+def _records(run: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_rewind_retires_the_abandoned_branch(data_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, max_steps=12, checkpoint_interval=1, keep_last=5, eval_interval=2, log_interval=1,
+               model=ONE_LAYER)
+    train(cfg, stop_at=9, quiet=True)
+    ckpts = run / "checkpoints"
+    assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] > 6
+    # go back to step 6 with another learning rate: steps 7-9 and best.pt belong to the abandoned branch
+    branch = merge(cfg, {"lr": 1e-3})
+    train(branch, resume=str(ckpts / "step_0000006.pt"), stop_at=7)
+    err = capsys.readouterr().err
+    retired = [d for d in (ckpts / "retired").iterdir()]
+    assert len(retired) == 1
+    line = next(ln for ln in err.splitlines() if "retired" in ln)
+    assert "step 6" in line and "step_0000009.pt" in line and "best.pt" in line and str(retired[0]) in line
+    assert sorted(p.name for p in retired[0].iterdir() if p.suffix == ".pt") == [
+        "best.pt", "step_0000007.pt", "step_0000008.pt", "step_0000009.pt"]
+    assert [r["step"] for r in map(json.loads, (retired[0] / "metrics.jsonl").read_text().splitlines())] == [
+        7, 8, 8, 9]  # train 7, train 8, eval 8, train 9 of the old branch
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == [f"step_{s:07d}.pt" for s in (5, 6, 7)]
+    rest = train(branch, resume="auto", quiet=True)  # continues the new branch, not the old step 9
+    assert sorted(rest.losses) == list(range(8, 13))
+    recs = _records(run)
+    assert [r["step"] for r in recs] == list(range(1, 13))  # one history: every step once, in order
+    assert [r["lr"] for r in recs[6:]] == [training.lr_at(s, branch) for s in range(6, 12)]
+    assert all(r["lr"] == training.lr_at(s, cfg) for s, r in enumerate(recs[:6]))
+
+
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(data_dir: Path, tmp_path: Path, capsys) -> None:
     full = train(_cfg(data_dir, tmp_path / "full", max_steps=12, model=ONE_LAYER), quiet=True)
     run = tmp_path / "run"
