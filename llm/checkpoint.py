@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -38,6 +39,7 @@ CORE_KEYS = ("model", "optimizer", "iteration")
 STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"  # temp files: .tmp-<target name>-<random>; never matched by STEP_RE
 CHECKSUM_SUFFIX = ".sha256"  # X.pt -> X.pt.sha256
+EXPLODED = 1e3  # max |weight| this many times its value at the start (or 1, if larger): a diverged model
 RETIRED_DIR = "retired"  # checkpoints/retired/<timestamp>/: what an abandoned branch left, moved aside whole
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -305,6 +307,60 @@ def load_checkpoint(
     if "iteration" not in ckpt:
         raise CheckpointError(f"not a checkpoint or corrupted: {src} (no 'iteration' entry)")
     return int(ckpt["iteration"])
+
+
+# ---------------------------------------------------------------------------------------------- health
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    reason: str  # one line: what was seen
+    weights_ruined: bool  # the weights themselves are bad (not just one step's gradient)
+
+
+def max_abs_weight(params: Iterable[torch.Tensor]) -> float:
+    """max |w| over all parameters, one fused pass and one host sync; NaN when any weight is NaN."""
+    tensors = [p.detach() for p in params]
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors, math.inf)
+    return torch.stack([n.float().to(norms[0].device) for n in norms]).max().item()
+
+
+@dataclasses.dataclass
+class DivergenceCheck:
+    """The tests a training state passes before it may be checkpointed, so that no checkpoint (and so no
+    "last good checkpoint") is a diverged model. All cheap: host floats the loop has anyway, plus one
+    max |w| pass per save."""
+
+    vocab_size: int
+    start_max: float  # max |weight| when this training process started (after init or resume)
+
+    @classmethod
+    def start(cls, params: Iterable[torch.Tensor], vocab_size: int) -> DivergenceCheck:
+        return cls(vocab_size, max_abs_weight(params))
+
+    def weights_problem(self, params: Iterable[torch.Tensor]) -> Divergence | None:
+        """Non-finite weights, or weights grown EXPLODED times past where they started."""
+        top = max_abs_weight(params)
+        if not math.isfinite(top):
+            return Divergence(f"non-finite weights (max |weight| {top})", True)
+        base = self.start_max if math.isfinite(self.start_max) else 1.0
+        if top > EXPLODED * max(base, 1.0):
+            return Divergence(f"max |weight| {top:.3g} is over {EXPLODED:.0e} times the {base:.3g} it started at", True)
+        return None
+
+    def step_problem(self, loss: float, grad_norm: float, *, overflow_ok: bool) -> Divergence | None:
+        """From one step's loss and pre-clip gradient norm (both computed on the weights before the update):
+        a non-finite gradient norm (unless fp16 loss scaling will skip that step), or a model stuck at the
+        uniform distribution: loss ln(vocab) with no gradient at all, which no later step can leave."""
+        if not math.isfinite(grad_norm):
+            return None if overflow_ok else Divergence(f"non-finite gradient norm ({grad_norm})", False)
+        uniform = math.log(self.vocab_size)
+        if grad_norm <= 1e-8 and abs(loss - uniform) < 1e-3:
+            return Divergence(f"loss {loss:.4f} = ln(vocab {self.vocab_size}) with gradient norm {grad_norm:.3g}: "
+                              "the model predicts the uniform distribution and no gradient reaches it", True)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- RNG

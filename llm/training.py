@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llm.checkpoint import Divergence, DivergenceCheck, latest_intact_checkpoint, retire_checkpoints
 from llm.config import ModelConfig
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
@@ -255,8 +256,6 @@ def resolve_resume(resume: str, out_dir: str, say: Callable[[str], None] | None 
 def _newest_intact(run_dir: Path, resume: str, say: Callable[[str], None] | None) -> Path | None:
     """The newest step checkpoint of run_dir that is intact (checksum, or loads); a damaged newer one is
     passed over with one line saying which was used; ValueError when none is intact."""
-    from llm.checkpoint import latest_intact_checkpoint
-
     d = run_dir / "checkpoints"
     found, skipped = latest_intact_checkpoint(d) if d.is_dir() else (None, [])
     if found is None and skipped:
@@ -270,11 +269,25 @@ def _retire_abandoned_branch(cfg: TrainConfig, step: int, log: Callable[..., Non
     """Resuming at `step` continues one history: later checkpoints (and a best.pt from after `step`) would be
     picked by the next --resume auto and pruned against the new ones, and later metrics records would
     interleave with the redone steps. Move them to checkpoints/retired/<timestamp>/, saying so in one line."""
-    from llm.checkpoint import retire_checkpoints
-
     dest, moved = retire_checkpoints(checkpoint_dir(cfg), step, metrics=Path(cfg.out_dir) / "metrics.jsonl")
     if dest is not None:
         log(f"resuming at step {step}: moved what came after it ({', '.join(moved)}) to {dest} (retired, not deleted)")
+
+
+def _divergence_error(cfg: TrainConfig, info: DistInfo, step: int, problem: Divergence, last_ckpt: Path | None, *,
+                      ruined_from: int | None = None) -> TrainingError:
+    """The one-line error for a run that diverged at `step`. When the weights are ruined from step
+    `ruined_from` (default: `step`) on, rank 0 first moves checkpoints saved from them to
+    checkpoints/retired/, so neither this message nor the next --resume auto offers one as healthy."""
+    moved = ""
+    if problem.weights_ruined and info.is_main:
+        dest, names = retire_checkpoints(checkpoint_dir(cfg), (step if ruined_from is None else ruined_from) - 1)
+        if dest is not None:
+            moved = f"; moved {', '.join(names)} (saved from those weights) to {dest}"
+        if last_ckpt is not None and not last_ckpt.exists():
+            last_ckpt = find_latest_checkpoint(cfg.out_dir)
+    return TrainingError(f"training diverged at step {step} ({problem.reason}); stopped without saving{moved}; "
+                         f"last healthy checkpoint: {last_ckpt or 'none'} (try a lower --lr or --grad-clip)")
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -556,8 +569,15 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         + (f" | peak {peak / 1e12:.3g} TFLOP/s ({peak_src})" if info.is_main else "")
     )
 
+    health = DivergenceCheck.start(params, cfg.model.vocab_size)
+
     def save(step: int, *, best: bool = False) -> Path | None:
-        """Rank 0 writes step_N.pt (or best.pt) atomically; older step files beyond keep_last are pruned."""
+        """Rank 0 writes step_N.pt (or best.pt) atomically; older step files beyond keep_last are pruned, but
+        never the previous save, the newest one a later step's loss has shown healthy. Every rank first
+        checks the weights (identical on all), so a diverged run stops together and saves nothing."""
+        problem = health.weights_problem(params)
+        if problem is not None:
+            raise _divergence_error(cfg, info, step, problem, last_ckpt)
         if not info.is_main:
             return None
         from llm.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
@@ -573,7 +593,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         path = checkpoint_dir(cfg) / "best.pt" if best else step_checkpoint_path(cfg, step)
         save_checkpoint(model, optimizer, step, path, extra=extra)
         if not best:
-            prune_checkpoints(checkpoint_dir(cfg), max(1, cfg.keep_last))
+            prune_checkpoints(checkpoint_dir(cfg), max(1, cfg.keep_last), keep=[last_ckpt] if last_ckpt else [])
         result.ckpt_seconds += time.perf_counter() - t0
         result.ckpt_count += 1
         return path
@@ -635,6 +655,9 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
                     f"non-finite training loss ({step_loss}) at step {step + 1}; stopped without saving, "
                     f"last good checkpoint: {last_ckpt or 'none'} (try a lower --lr or --grad-clip)"
                 )
+            problem = health.step_problem(step_loss, grad_norm, overflow_ok=scaler.is_enabled())
+            if problem is not None:  # measured on the weights of `step`, before this update
+                raise _divergence_error(cfg, info, step + 1, problem, last_ckpt, ruined_from=step)
             t_c = clock()
             scaler.step(optimizer)  # fp16: skips the update if the gradients overflowed
             scaler.update()

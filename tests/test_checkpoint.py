@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -23,6 +24,7 @@ from torch import nn
 from llm.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
+    DivergenceCheck,
     capture_rng_state,
     checksum_path,
     latest_checkpoint,
@@ -348,3 +350,26 @@ def test_retire_moves_the_later_branch_aside(tmp_path: Path) -> None:
     assert retire_checkpoints(ckpts, 10) == (None, [])  # nothing beyond step 10 any more
     save_checkpoint(Tiny(), None, 5, ckpts / "best.pt")
     assert retire_checkpoints(ckpts, 10) == (None, [])  # a best.pt from the kept history stays
+
+
+def test_divergence_check() -> None:
+    model = Tiny()
+    check = DivergenceCheck.start(model.parameters(), vocab_size=64)
+    assert check.weights_problem(model.parameters()) is None
+    assert check.step_problem(4.0, 1.0, overflow_ok=False) is None
+    with torch.no_grad():
+        model.w[0, 0] = 500.0  # large, not exploded: up to 1e3 x max(start, 1)
+    assert check.weights_problem(model.parameters()) is None
+    with torch.no_grad():
+        model.w[0, 0] = -1e6
+    exploded = check.weights_problem(model.parameters())
+    assert exploded.weights_ruined and "max |weight| 1e+06" in exploded.reason
+    with torch.no_grad():
+        model.w[0, 0] = float("nan")
+    assert "non-finite weights" in check.weights_problem(model.parameters()).reason
+    spike = check.step_problem(4.0, math.inf, overflow_ok=False)
+    assert "non-finite gradient norm" in spike.reason and not spike.weights_ruined
+    assert check.step_problem(4.0, math.inf, overflow_ok=True) is None  # fp16 loss scaling skips that step
+    stuck = check.step_problem(math.log(64), 0.0, overflow_ok=False)
+    assert stuck.weights_ruined and "ln(vocab 64)" in stuck.reason and "gradient norm 0" in stuck.reason
+    assert check.step_problem(math.log(64), 0.5, overflow_ok=False) is None  # at ln(V) and still learning

@@ -279,6 +279,43 @@ def test_rewind_retires_the_abandoned_branch(data_dir: Path, tmp_path: Path, cap
     assert all(r["lr"] == training.lr_at(s, cfg) for s, r in enumerate(recs[:6]))
 
 
+@pytest.mark.parametrize("keep_last", [5, 2])
+def test_divergence_stops_before_the_ruined_weights_are_checkpointed(data_dir: Path, tmp_path: Path,
+                                                                    keep_last: int) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, lr=1e6, min_lr=0.0, checkpoint_interval=1, keep_last=keep_last, model=ONE_LAYER)
+    with pytest.raises(TrainingError, match=r"diverged at step 2 \(max \|weight\| .*last healthy checkpoint: "
+                                            r".*step_0000001\.pt") as e:
+        train(cfg, quiet=True)
+    assert "\n" not in str(e.value)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["step_0000001.pt"]
+    healthy = torch.load(ckpts / "step_0000001.pt", weights_only=True)["model"]
+    assert max(v.abs().max().item() for v in healthy.values()) < 10
+
+
+def test_loss_stuck_at_uniform_output_moves_the_ruined_checkpoint_aside(data_dir: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    calls = {"n": 0}
+    orig = training.LossModule.forward
+
+    def forward(self, x, y):  # from step 7 on: uniform output, no gradient (the weights of step 6 are dead)
+        calls["n"] += 1
+        loss = orig(self, x, y)
+        return loss * 0.0 + math.log(VOCAB) if calls["n"] >= 7 else loss
+
+    monkeypatch.setattr(training.LossModule, "forward", forward)
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, max_steps=10, checkpoint_interval=3, keep_last=1, eval_interval=100,
+               model=ONE_LAYER)
+    with pytest.raises(TrainingError, match=r"diverged at step 7 \(loss 4\.1589 = ln\(vocab 64\).*moved "
+                                            r"step_0000006\.pt.*last healthy checkpoint: .*step_0000003\.pt"):
+        train(cfg, quiet=True)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["step_0000003.pt"]  # kept although keep_last=1
+    assert [p.name for p in (ckpts / "retired").glob("*/*.pt")] == ["step_0000006.pt"]
+
+
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(data_dir: Path, tmp_path: Path, capsys) -> None:
     full = train(_cfg(data_dir, tmp_path / "full", max_steps=12, model=ONE_LAYER), quiet=True)
     run = tmp_path / "run"
