@@ -9,6 +9,7 @@ Writes go to a temporary file in the same directory, are fsynced, then renamed o
 os.replace, so a crash (even kill -9) at any moment leaves either the old file or the new one, never half.
 Beside each checkpoint X.pt lies X.pt.sha256 (`sha256sum` format) with the digest of the bytes written;
 every load by path verifies it, so a file damaged later on disk is refused instead of yielding NaN weights.
+RUN_DIR/checkpoints/retired/<timestamp>/ holds what a rewind or a divergence set aside (moved, never deleted).
 """
 
 from __future__ import annotations
