@@ -457,7 +457,7 @@ def load_model(checkpoint: str | Path, *, device: str | torch.device | None = No
     """(model, tokenizer, checkpoint path) from a checkpoint file or a run directory; ValueError with one
     clear line for anything missing or inconsistent."""
     from llm.bpe_tokenizer import BpeTokenizer
-    from llm.checkpoint import read_checkpoint, resolve_checkpoint
+    from llm.checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
     from llm.config import ModelConfig
     from llm.transformer import Transformer
 
@@ -470,6 +470,8 @@ def load_model(checkpoint: str | Path, *, device: str | torch.device | None = No
         raise ValueError(str(e).splitlines()[0] if str(e) else f"no checkpoint in {src}") from None
     try:
         ckpt = read_checkpoint(path)
+    except CheckpointError as e:  # already one line naming the file
+        raise ValueError(str(e)) from None
     except Exception as e:  # a truncated/foreign file: torch raises many types
         raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

@@ -55,7 +55,7 @@ class TrainConfig:
     eval_batches: int = 20  # fixed held-out batches per validation pass
     log_interval: int = 10
     checkpoint_interval: int = 500  # 0: checkpoint only at the end (and on interrupt)
-    keep_last: int = 2  # newest step checkpoints kept (best.pt is kept besides)
+    keep_last: int = 2  # newest step checkpoints kept (best.pt and the last one shown healthy are kept besides)
     seed: int = 0
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

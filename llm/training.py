@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llm.checkpoint import Divergence, DivergenceCheck, latest_intact_checkpoint, retire_checkpoints
 from llm.config import ModelConfig
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
@@ -236,19 +237,57 @@ def find_latest_checkpoint(out_dir: str | Path) -> Path | None:
     return latest_checkpoint(d) if d.is_dir() else None
 
 
-def resolve_resume(resume: str, out_dir: str) -> Path | None:
-    """--resume auto -> newest checkpoint in out_dir (None: start fresh); a run dir -> its newest; a file -> it."""
+def resolve_resume(resume: str, out_dir: str, say: Callable[[str], None] | None = None) -> Path | None:
+    """--resume auto -> newest intact checkpoint in out_dir (None: start fresh); a run dir -> its newest intact
+    one; a file -> it. `say` gets one line when damaged newer checkpoints were passed over."""
     if resume == "auto":
-        return find_latest_checkpoint(out_dir)
+        return _newest_intact(Path(out_dir), resume, say)
     p = Path(resume)
     if p.is_dir():
-        found = find_latest_checkpoint(p)
+        found = _newest_intact(p, resume, say)
         if found is None:
             raise ValueError(f"--resume {resume}: no checkpoints/step_*.pt in that directory")
         return found
     if not p.is_file():
         raise ValueError(f"--resume {resume}: no such checkpoint file or run directory")
     return p
+
+
+def _newest_intact(run_dir: Path, resume: str, say: Callable[[str], None] | None) -> Path | None:
+    """The newest step checkpoint of run_dir that is intact (checksum, or loads); a damaged newer one is
+    passed over with one line saying which was used; ValueError when none is intact."""
+    d = run_dir / "checkpoints"
+    found, skipped = latest_intact_checkpoint(d) if d.is_dir() else (None, [])
+    if found is None and skipped:
+        raise ValueError(f"--resume {resume}: no intact checkpoint in {d}: {'; '.join(skipped)}")
+    if skipped and say is not None:
+        say(f"--resume {resume}: {'; '.join(skipped)}; resuming from {found}")
+    return found
+
+
+def _retire_abandoned_branch(cfg: TrainConfig, step: int, log: Callable[..., None]) -> None:
+    """Resuming at `step` continues one history: later checkpoints (and a best.pt from after `step`) would be
+    picked by the next --resume auto and pruned against the new ones, and later metrics records would
+    interleave with the redone steps. Move them to checkpoints/retired/<timestamp>/, saying so in one line."""
+    dest, moved = retire_checkpoints(checkpoint_dir(cfg), step, metrics=Path(cfg.out_dir) / "metrics.jsonl")
+    if dest is not None:
+        log(f"resuming at step {step}: moved what came after it ({', '.join(moved)}) to {dest} (retired, not deleted)")
+
+
+def _divergence_error(cfg: TrainConfig, info: DistInfo, step: int, problem: Divergence, last_ckpt: Path | None, *,
+                      ruined_from: int | None = None) -> TrainingError:
+    """The one-line error for a run that diverged at `step`. When the weights are ruined from step
+    `ruined_from` (default: `step`) on, rank 0 first moves checkpoints saved from them to
+    checkpoints/retired/, so neither this message nor the next --resume auto offers one as healthy."""
+    moved = ""
+    if problem.weights_ruined and info.is_main:
+        dest, names = retire_checkpoints(checkpoint_dir(cfg), (step if ruined_from is None else ruined_from) - 1)
+        if dest is not None:
+            moved = f"; moved {', '.join(names)} (saved from those weights) to {dest}"
+        if last_ckpt is not None and not last_ckpt.exists():
+            last_ckpt = find_latest_checkpoint(cfg.out_dir)
+    return TrainingError(f"training diverged at step {step} ({problem.reason}); stopped without saving{moved}; "
+                         f"last healthy checkpoint: {last_ckpt or 'none'} (try a lower --lr or --grad-clip)")
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -437,7 +476,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     result = TrainResult(run_dir=run_dir, step=0)
 
     # ---- resume: find the checkpoint, check it fits --------------------------------------------------
-    ckpt_path = resolve_resume(resume, cfg.out_dir) if resume else None
+    ckpt_path = resolve_resume(resume, cfg.out_dir, say=log) if resume else None
     ckpt: dict | None = None
     if resume == "auto" and ckpt_path is None:
         log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")
@@ -520,6 +559,8 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
         checkpoint_dir(cfg).mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            _retire_abandoned_branch(cfg, start_step, log)
     metrics = MetricsLog(run_dir / "metrics.jsonl", info.is_main, start_step if ckpt is not None else None)
     tok_dir = tokenizer_dir_for(cfg)
     n_params = sum(p.numel() for p in params)
@@ -532,8 +573,15 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         + (f" | peak {peak / 1e12:.3g} TFLOP/s ({peak_src})" if info.is_main else "")
     )
 
+    health = DivergenceCheck.start(params, cfg.model.vocab_size)
+
     def save(step: int, *, best: bool = False) -> Path | None:
-        """Rank 0 writes step_N.pt (or best.pt) atomically; older step files beyond keep_last are pruned."""
+        """Rank 0 writes step_N.pt (or best.pt) atomically; older step files beyond keep_last are pruned, but
+        never the previous save, the newest one a later step's loss has shown healthy. Every rank first
+        checks the weights (identical on all), so a diverged run stops together and saves nothing."""
+        problem = health.weights_problem(params)
+        if problem is not None:
+            raise _divergence_error(cfg, info, step, problem, last_ckpt)
         if not info.is_main:
             return None
         from llm.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
@@ -549,7 +597,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
         path = checkpoint_dir(cfg) / "best.pt" if best else step_checkpoint_path(cfg, step)
         save_checkpoint(model, optimizer, step, path, extra=extra)
         if not best:
-            prune_checkpoints(checkpoint_dir(cfg), max(1, cfg.keep_last))
+            prune_checkpoints(checkpoint_dir(cfg), max(1, cfg.keep_last), keep=[last_ckpt] if last_ckpt else [])
         result.ckpt_seconds += time.perf_counter() - t0
         result.ckpt_count += 1
         return path
@@ -611,6 +659,9 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
                     f"non-finite training loss ({step_loss}) at step {step + 1}; stopped without saving, "
                     f"last good checkpoint: {last_ckpt or 'none'} (try a lower --lr or --grad-clip)"
                 )
+            problem = health.step_problem(step_loss, grad_norm, overflow_ok=scaler.is_enabled())
+            if problem is not None:  # measured on the weights of `step`, before this update
+                raise _divergence_error(cfg, info, step + 1, problem, last_ckpt, ruined_from=step)
             t_c = clock()
             scaler.step(optimizer)  # fp16: skips the update if the gradients overflowed
             scaler.update()

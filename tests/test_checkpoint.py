@@ -6,7 +6,10 @@ and parameter after resuming must be bit-identical to it.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
 import os
 import pickle
 import random
@@ -21,16 +24,21 @@ from torch import nn
 from llm.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
+    DivergenceCheck,
     capture_rng_state,
+    checksum_path,
     latest_checkpoint,
+    latest_intact_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     read_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
+    retire_checkpoints,
     save_checkpoint,
 )
 from llm.optim import AdamW, cos_lr_scheduler, gradient_clip
+from tests.corrupt import scribble_tensor_bytes, truncate
 
 
 class Tiny(nn.Module):
@@ -141,7 +149,7 @@ def test_crash_mid_write_keeps_previous_file(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(Tiny(), None, 2, path)
     assert path.read_bytes() == before and read_checkpoint(path)["iteration"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256"]  # no temp file left behind
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
@@ -164,7 +172,7 @@ def test_kill_9_during_save_never_leaves_partial_latest(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) == ckpts / "step_0000001.pt"
     assert read_checkpoint(latest_checkpoint(tmp_path))["iteration"] == 1
     assert prune_checkpoints(tmp_path, keep_last=5) == leftovers  # stale temp files are cleaned up
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000001.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000001.pt", "step_0000001.pt.sha256"]
 
 
 def test_rng_round_trip_is_weights_only_safe(tmp_path: Path) -> None:
@@ -265,3 +273,103 @@ def test_state_dict_mismatch_names_keys(tmp_path: Path) -> None:
     two = Tiny()
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         load_checkpoint(path, two, AdamW([{"params": [two.w]}, {"params": [two.b]}]))
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def test_checksum_is_written_beside_and_verified_on_every_load(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "step_0000003.pt"
+    model = Tiny(64)  # a 16 KiB weight: room to scribble inside one tensor's data
+    save_checkpoint(model, AdamW(model.parameters()), 3, path)
+    digest, name = checksum_path(path).read_text().split()
+    assert name == path.name and digest == hashlib.sha256(path.read_bytes()).hexdigest()  # `sha256sum -c` format
+    assert read_checkpoint(path)["iteration"] == 3
+    scribble_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step_0000003\.pt is corrupt: checksum mismatch") as e:
+        load_checkpoint(path, Tiny(64))
+    assert "\n" not in str(e.value)
+    # without the checksum the damage goes unnoticed: torch.load reads NaNs (why the checksum exists)
+    checksum_path(path).unlink()
+    assert torch.isnan(read_checkpoint(path)["model"]["w"]).any()
+
+
+def test_checkpoints_without_a_checksum_still_load(tmp_path: Path) -> None:
+    torch.save({"model": Tiny().state_dict(), "iteration": 4}, tmp_path / "old.pt")  # written before checksums
+    assert load_checkpoint(tmp_path / "old.pt", Tiny()) == 4
+    save_checkpoint(Tiny(), None, 5, tmp_path / "best.pt")
+    save_checkpoint(Tiny(), None, 6, tmp_path / "best.pt")  # overwriting replaces the checksum too
+    assert read_checkpoint(tmp_path / "best.pt")["iteration"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256", "old.pt"]
+
+
+def test_latest_intact_checkpoint_skips_damaged_ones(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        save_checkpoint(Tiny(64), None, step, ckpts / f"step_{step:07d}.pt")
+    truncate(ckpts / "step_0000015.pt")
+    scribble_tensor_bytes(ckpts / "step_0000010.pt")
+    path, skipped = latest_intact_checkpoint(tmp_path)
+    assert path == ckpts / "step_0000005.pt"
+    assert len(skipped) == 2 and "step_0000015.pt" in skipped[0] and "checksum mismatch" in skipped[1]
+    truncate(ckpts / "step_0000005.pt")
+    assert latest_intact_checkpoint(tmp_path)[0] is None
+    assert latest_intact_checkpoint(tmp_path / "nowhere") == (None, [])
+
+
+def test_prune_keeps_protected_files_and_takes_checksums_along(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(Tiny(), None, step, ckpts / f"step_{step:07d}.pt")
+    (ckpts / "step_0000009.pt.sha256").write_text("0  step_0000009.pt\n")  # its checkpoint is gone
+    removed = prune_checkpoints(tmp_path, keep_last=1, keep=[ckpts / "step_0000002.pt"])
+    assert sorted(p.name for p in removed) == ["step_0000001.pt", "step_0000001.pt.sha256", "step_0000003.pt",
+                                               "step_0000003.pt.sha256", "step_0000009.pt.sha256"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002.pt", "step_0000002.pt.sha256",
+                                                       "step_0000004.pt", "step_0000004.pt.sha256"]
+
+
+def test_retire_moves_the_later_branch_aside(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        save_checkpoint(Tiny(), None, step, ckpts / f"step_{step:07d}.pt")
+    save_checkpoint(Tiny(), None, 15, ckpts / "best.pt")
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"type": "train", "step": s}) for s in (5, 10, 11, 15)]
+    metrics.write_text("\n".join(lines) + "\n")
+    dest, moved = retire_checkpoints(ckpts, 10, metrics=metrics)
+    assert dest is not None and dest.parent == ckpts / "retired"
+    assert moved == ["step_0000015.pt", "best.pt (step 15)", "2 metrics records"]
+    assert sorted(p.name for p in dest.iterdir()) == ["best.pt", "best.pt.sha256", "metrics.jsonl", "step_0000015.pt",
+                                                      "step_0000015.pt.sha256"]
+    assert (dest / "metrics.jsonl").read_text().splitlines() == lines[2:]
+    assert metrics.read_text().splitlines() == lines  # the live log is trimmed by its writer, not here
+    assert sorted(p.name for p in ckpts.iterdir()) == ["retired", "step_0000005.pt", "step_0000005.pt.sha256",
+                                                       "step_0000010.pt", "step_0000010.pt.sha256"]
+    assert read_checkpoint(dest / "step_0000015.pt")["iteration"] == 15  # moved whole, checksum and all
+    assert retire_checkpoints(ckpts, 10) == (None, [])  # nothing beyond step 10 any more
+    save_checkpoint(Tiny(), None, 5, ckpts / "best.pt")
+    assert retire_checkpoints(ckpts, 10) == (None, [])  # a best.pt from the kept history stays
+
+
+def test_divergence_check() -> None:
+    model = Tiny()
+    check = DivergenceCheck.start(model.parameters(), vocab_size=64)
+    assert check.weights_problem(model.parameters()) is None
+    assert check.step_problem(4.0, 1.0, overflow_ok=False) is None
+    with torch.no_grad():
+        model.w[0, 0] = 500.0  # large, not exploded: up to 1e3 x max(start, 1)
+    assert check.weights_problem(model.parameters()) is None
+    with torch.no_grad():
+        model.w[0, 0] = -1e6
+    exploded = check.weights_problem(model.parameters())
+    assert exploded.weights_ruined and "max |weight| 1e+06" in exploded.reason
+    with torch.no_grad():
+        model.w[0, 0] = float("nan")
+    assert "non-finite weights" in check.weights_problem(model.parameters()).reason
+    spike = check.step_problem(4.0, math.inf, overflow_ok=False)
+    assert "non-finite gradient norm" in spike.reason and not spike.weights_ruined
+    assert check.step_problem(4.0, math.inf, overflow_ok=True) is None  # fp16 loss scaling skips that step
+    stuck = check.step_problem(math.log(64), 0.0, overflow_ok=False)
+    assert stuck.weights_ruined and "ln(vocab 64)" in stuck.reason and "gradient norm 0" in stuck.reason
+    assert check.step_problem(math.log(64), 0.5, overflow_ok=False) is None  # at ln(V) and still learning

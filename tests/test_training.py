@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from llm import training
+from llm.generating import load_model
 from llm.train_config import TrainConfig, load_toml, merge, train_preset
 from llm.training import TrainingError, batch_rng, global_micro_index, main, train, unigram_entropy
+from tests.corrupt import scribble_tensor_bytes, truncate
 
 VOCAB = 64
 
@@ -72,7 +74,8 @@ def test_resume_is_bit_exact(data_dir: Path, tmp_path: Path) -> None:
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert steps == [5, 10, 15, 20]
     ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
-    assert ckpts == ["best.pt", "step_0000015.pt", "step_0000020.pt"]  # keep_last=2 plus best
+    names = ["best.pt", "step_0000015.pt", "step_0000020.pt"]  # keep_last=2 plus best
+    assert ckpts == sorted(names + [n + ".sha256" for n in names])  # each with its checksum
     saved = torch.load(second.checkpoint, map_location="cpu", weights_only=True)
     for key in ("model", "optimizer", "iteration", "model_config", "train_config", "rng", "sampler", "best_val"):
         assert key in saved
@@ -238,3 +241,97 @@ def test_unigram_entropy_matches_a_float64_count(ref_snapshot) -> None:
     reference = -sum(c / n * math.log(c / n) for c in counts.values())
     stored = ref_snapshot({"entropy": np.float64(reference)}, rtol=1e-12, atol=0)
     assert unigram_entropy(tokens, VOCAB) == pytest.approx(float(stored["entropy"]), rel=1e-12)
+
+
+# -------------------------------------------------------------------------------- nothing lost (issue #12)
+ONE_LAYER = dict(vocab_size=VOCAB, context_length=16, d_model=32, num_layers=1, num_heads=4, d_ff=64)
+
+
+def _records(run: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_rewind_retires_the_abandoned_branch(data_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, max_steps=12, checkpoint_interval=1, keep_last=5, eval_interval=2, log_interval=1,
+               model=ONE_LAYER)
+    train(cfg, stop_at=9, quiet=True)
+    ckpts = run / "checkpoints"
+    assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] > 6
+    # go back to step 6 with another learning rate: steps 7-9 and best.pt belong to the abandoned branch
+    branch = merge(cfg, {"lr": 1e-3})
+    train(branch, resume=str(ckpts / "step_0000006.pt"), stop_at=7)
+    err = capsys.readouterr().err
+    retired = [d for d in (ckpts / "retired").iterdir()]
+    assert len(retired) == 1
+    line = next(ln for ln in err.splitlines() if "retired" in ln)
+    assert "step 6" in line and "step_0000009.pt" in line and "best.pt" in line and str(retired[0]) in line
+    assert sorted(p.name for p in retired[0].iterdir() if p.suffix == ".pt") == [
+        "best.pt", "step_0000007.pt", "step_0000008.pt", "step_0000009.pt"]
+    assert [r["step"] for r in map(json.loads, (retired[0] / "metrics.jsonl").read_text().splitlines())] == [
+        7, 8, 8, 9]  # train 7, train 8, eval 8, train 9 of the old branch
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == [f"step_{s:07d}.pt" for s in (5, 6, 7)]
+    rest = train(branch, resume="auto", quiet=True)  # continues the new branch, not the old step 9
+    assert sorted(rest.losses) == list(range(8, 13))
+    recs = _records(run)
+    assert [r["step"] for r in recs] == list(range(1, 13))  # one history: every step once, in order
+    assert [r["lr"] for r in recs[6:]] == [training.lr_at(s, branch) for s in range(6, 12)]
+    assert all(r["lr"] == training.lr_at(s, cfg) for s, r in enumerate(recs[:6]))
+
+
+@pytest.mark.parametrize("keep_last", [5, 2])
+def test_divergence_stops_before_the_ruined_weights_are_checkpointed(data_dir: Path, tmp_path: Path,
+                                                                    keep_last: int) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, lr=1e6, min_lr=0.0, checkpoint_interval=1, keep_last=keep_last, model=ONE_LAYER)
+    with pytest.raises(TrainingError, match=r"diverged at step 2 \(max \|weight\| .*last healthy checkpoint: "
+                                            r".*step_0000001\.pt") as e:
+        train(cfg, quiet=True)
+    assert "\n" not in str(e.value)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["step_0000001.pt"]
+    healthy = torch.load(ckpts / "step_0000001.pt", weights_only=True)["model"]
+    assert max(v.abs().max().item() for v in healthy.values()) < 10
+
+
+def test_loss_stuck_at_uniform_output_moves_the_ruined_checkpoint_aside(data_dir: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    calls = {"n": 0}
+    orig = training.LossModule.forward
+
+    def forward(self, x, y):  # from step 7 on: uniform output, no gradient (the weights of step 6 are dead)
+        calls["n"] += 1
+        loss = orig(self, x, y)
+        return loss * 0.0 + math.log(VOCAB) if calls["n"] >= 7 else loss
+
+    monkeypatch.setattr(training.LossModule, "forward", forward)
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, max_steps=10, checkpoint_interval=3, keep_last=1, eval_interval=100,
+               model=ONE_LAYER)
+    with pytest.raises(TrainingError, match=r"diverged at step 7 \(loss 4\.1589 = ln\(vocab 64\).*moved "
+                                            r"step_0000006\.pt.*last healthy checkpoint: .*step_0000003\.pt"):
+        train(cfg, quiet=True)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["step_0000003.pt"]  # kept although keep_last=1
+    assert [p.name for p in (ckpts / "retired").glob("*/*.pt")] == ["step_0000006.pt"]
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(data_dir: Path, tmp_path: Path, capsys) -> None:
+    full = train(_cfg(data_dir, tmp_path / "full", max_steps=12, model=ONE_LAYER), quiet=True)
+    run = tmp_path / "run"
+    cfg = _cfg(data_dir, run, max_steps=12, model=ONE_LAYER)
+    train(cfg, stop_at=10, quiet=True)
+    ckpts = run / "checkpoints"
+    scribble_tensor_bytes(ckpts / "step_0000010.pt")  # loads without complaint, NaNs and all, unless checked
+    assert main(["--resume", str(ckpts / "step_0000010.pt"), "--out-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_0000010.pt is corrupt: checksum mismatch" in err[0]
+    with pytest.raises(ValueError, match=r"step_0000010\.pt is corrupt: checksum mismatch"):
+        load_model(ckpts / "step_0000010.pt")  # generation and evaluation load through the same check
+    truncate(ckpts / "step_0000010.pt")
+    rest = train(cfg, resume="auto")
+    err = capsys.readouterr().err
+    used = [ln for ln in err.splitlines() if "corrupt" in ln]
+    assert len(used) == 1 and "step_0000010.pt" in used[0] and "resuming from" in used[0]
+    assert used[0].endswith("step_0000005.pt")
+    assert {s: full.losses[s] for s in range(6, 13)} == rest.losses  # the same run, from step 5 on
