@@ -1,14 +1,12 @@
 """GPT-2 compatibility: real GPT-2 files load via from_files and encode exactly like tiktoken's gpt2.
 
-Needs ../shared/data/gpt2/{vocab.json,merges.txt} (searched upwards from the repository root, or
-$LLM_SHARED_DIR); the tests fail with a clear message if the files are absent. tiktoken is built
-offline from the same vocab.json (tiktoken's ranks are GPT-2's token ids).
+GPT-2's vocab.json and merges.txt are vendored in tests/fixtures/gpt2/ (with their licence). tiktoken
+is built offline from the same vocab.json (tiktoken's ranks are GPT-2's token ids).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -24,27 +22,18 @@ EOT = "<|endoftext|>"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def gpt2_dir() -> Path:
-    candidates = [Path(os.environ["LLM_SHARED_DIR"]) / "data/gpt2"] if "LLM_SHARED_DIR" in os.environ else []
-    candidates += [p / "shared/data/gpt2" for p in REPO.parents]
-    for c in candidates:
-        if (c / "vocab.json").is_file() and (c / "merges.txt").is_file():
-            return c
-    pytest.fail(
-        "GPT-2 files not found: expected ../shared/data/gpt2/{vocab.json,merges.txt} next to the "
-        "repository (or set LLM_SHARED_DIR to the shared/ directory)"
-    )
+GPT2_DIR = REPO / "tests" / "fixtures" / "gpt2"
 
 
 @pytest.fixture(scope="module")
 def gpt2() -> BpeTokenizer:
-    d = gpt2_dir()
+    d = GPT2_DIR
     return BpeTokenizer.from_files(d / "vocab.json", d / "merges.txt", [EOT])
 
 
 @pytest.fixture(scope="module")
 def tik() -> tiktoken.Encoding:
-    raw = json.loads((gpt2_dir() / "vocab.json").read_text(encoding="utf-8"))
+    raw = json.loads((GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
     ranks = {str_to_token(s): i for s, i in raw.items() if s != EOT}
     return tiktoken.Encoding(name="gpt2_offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT: 50256})
