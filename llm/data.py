@@ -494,7 +494,8 @@ def ensure_demo_data(
     """Generate the built-in story corpus and prepare it, unless both are already done (idempotent).
 
     This is what the default training run calls. Regenerates the corpus when ``size_mb``, ``seed`` or
-    the generator version changed; ``prepare`` then redoes only what depends on it.
+    the generator version changed; ``prepare`` then redoes only what depends on it. A directory holding
+    prepared data that this function did not make is refused (ValueError), never overwritten.
     """
     from llm.stories import GENERATOR_VERSION, generate_stories
 
@@ -503,6 +504,14 @@ def ensure_demo_data(
     info_path = out / "stories.json"
     want = {"size_mb": size_mb, "seed": seed, "generator_version": GENERATOR_VERSION}
     with _dir_lock(out):
+        # stories.json marks a directory this function made; anything prepared there without it is someone's data
+        theirs = [n for n in ("meta.json", ".prepare_state.json", "train.npy", "val.npy", "tokenizer")
+                  if (out / n).exists()]
+        if theirs and not info_path.exists():
+            raise ValueError(
+                f"{out} holds data ensure_demo_data did not make ({', '.join(theirs)}); the demo corpus is built "
+                "only in a directory of its own (default data/demo)"
+            )
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         fresh = stories.exists() and {k: info.get(k) for k in want} == want and info.get("sha256") == sha256_file(stories)
         if not fresh:

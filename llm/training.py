@@ -373,9 +373,17 @@ def evaluate(model: nn.Module, val: np.ndarray, cfg: TrainConfig, info: DistInfo
     return float(_all_reduce_sum(total, info)) / cfg.eval_batches
 
 
+def uses_demo_data_paths(cfg: TrainConfig) -> bool:
+    """Whether the run reads the demo preset's own token arrays (data/demo/...): the only place the demo
+    corpus is ever built, so a run on other data never generates or re-prepares anything."""
+    demo = train_preset("demo")
+    return all(os.path.abspath(getattr(cfg, k)) == os.path.abspath(getattr(demo, k))
+               for k in ("train_data", "val_data"))
+
+
 def prepare_data(cfg: TrainConfig, info: DistInfo) -> None:
-    """Build the built-in demo corpus (rank 0; others wait), or check that the token arrays exist."""
-    if cfg.prepare_demo_data:
+    """Build the built-in demo corpus at its own paths (rank 0; others wait), or check that the token arrays exist."""
+    if cfg.prepare_demo_data and uses_demo_data_paths(cfg):
         if info.is_main:
             from llm.data import ensure_demo_data
 
@@ -458,6 +466,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     for name, arr in (("train_data", train_tokens), ("val_data", val_tokens)):
         if len(arr) <= cfg.model.context_length + 1:
             raise ValueError(f"{name} has {len(arr)} tokens: fewer than context_length + 2 = {cfg.model.context_length + 2}")
+    log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")  # after the checks: a bad input is one line
 
     if ckpt_path is None and old is not None:  # --overwrite, and the data is fine: now clear the old run
         if info.is_main:
@@ -789,7 +798,15 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             overrides["model"][k[len("model."):]] = v
         elif k in _train_fields() and k != "preset":
             overrides[k] = v
-    return merge(base, overrides)
+    if {"train_data", "val_data"} & set(overrides) and "prepare_demo_data" not in overrides:
+        overrides["prepare_demo_data"] = False  # the user named data: never build the demo corpus in its place
+    cfg = merge(base, overrides)
+    if overrides.get("prepare_demo_data") and not uses_demo_data_paths(cfg):
+        raise ValueError(
+            f"prepare_demo_data builds data/demo only, not train_data {cfg.train_data!r} / val_data {cfg.val_data!r}: "
+            "drop --prepare-demo-data, or prepare that data with `uv run -m llm.data prepare`"
+        )
+    return cfg
 
 
 def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Callable[[], nn.Module | None],
@@ -821,8 +838,6 @@ def _main_train(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        _log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")
     try:
         result = train(cfg, resume=ns.resume, stop_at=ns.stop_at, overwrite=ns.overwrite)
     except (ValueError, FileNotFoundError) as e:
