@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.data import DirLockBusy, _dir_lock
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
 EVAL_STREAM = 0x5EED_E7A1  # separates the validation batches' random stream from the training one
@@ -405,6 +406,26 @@ def tokenizer_dir_for(cfg: TrainConfig) -> str | None:
     return str(guess) if guess.is_dir() else None
 
 
+@contextlib.contextmanager
+def run_dir_lock(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR/.lock for the whole run, so a second run in the same out_dir stops with one line
+    instead of interleaving checkpoints and metrics; the other ranks learn the outcome from rank 0."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                stack.enter_context(_dir_lock(Path(cfg.out_dir), wait=False))
+            except DirLockBusy as e:
+                error = f"{e}: wait for it to finish or choose another --out-dir"
+        if info.enabled:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ValueError(error)
+        yield
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None, overwrite: bool = False,
           quiet: bool = False, profile: bool = False) -> TrainResult:
     """Run (or continue) training as `cfg` says. `resume`: "auto", a run directory or a checkpoint file.
@@ -418,8 +439,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
     info = setup_distributed(device_probe.type)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite, profile=profile,
-                      log=log if info.is_main else (lambda *a: None))
+        with run_dir_lock(cfg, info):
+            return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite, profile=profile,
+                          log=log if info.is_main else (lambda *a: None))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         if info.initialized_here and dist.is_initialized():
