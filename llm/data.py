@@ -25,6 +25,7 @@ import mmap
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (see _dir_lock)
+    fcntl = None
 
 if TYPE_CHECKING:
     import torch
@@ -290,21 +296,85 @@ def split_documents(
     return stats
 
 
+class DirLockBusy(ValueError):
+    """Another live process holds a directory's lock (``_dir_lock(..., wait=False)``); the message names it."""
+
+
 @contextlib.contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock so concurrent callers (e.g. torchrun ranks) prepare a directory only once."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; callers there run one process anyway
+def _dir_lock(directory: Path, wait: bool = True) -> Iterator[None]:
+    """Exclusive lock on DIR/.lock (flock): concurrent callers (e.g. torchrun ranks) prepare a directory only
+    once, and a run directory holds one run at a time.
+
+    ``wait``: block until the holder is done; else raise DirLockBusy at once, naming the holder. While held,
+    the file records the owner's pid, host and start time, and release removes the file, so a record found
+    on acquiring is the lock of a process that died holding it (the kernel drops a dead process's flock):
+    that stale lock is taken over, with one line on stderr saying so. Directories the lock created are
+    removed on release while still empty, so a caller that fails on its inputs leaves nothing behind.
+    """
+    if fcntl is None:  # Windows: no advisory locks; callers there run one process anyway
+        directory.mkdir(parents=True, exist_ok=True)
         yield
         return
-    with open(directory / ".lock", "a") as f:  # "a": never truncate (an idempotent rerun changes nothing)
-        fcntl.flock(f, fcntl.LOCK_EX)
+    created, d = [], directory  # the directory and the ancestors it lacks, innermost first
+    while not d.exists() and d != d.parent:
+        created.append(d)
+        d = d.parent
+    path = directory / ".lock"
+    fd = _lock_acquire(path, wait)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a waiter that then gets the old file sees it gone and retries
+        os.close(fd)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or not ours any more): keep it and everything above it
+                break
+
+
+def _lock_acquire(path: Path, wait: bool) -> int:
+    """An fd of ``path`` (created if missing) under an exclusive flock, with this process's record written in it."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a failed holder removed the directory between mkdir and open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            owner = _lock_owner(fd) or "another process"
+            os.close(fd)
+            raise DirLockBusy(f"{path.parent} is in use by {owner}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed this file on release: lock the one at ``path`` now
+    stale = _lock_owner(fd)
+    if stale:
+        _log(f"{path.parent}: taking over the stale lock of {stale}: that process ended without releasing it", quiet=False)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    return fd
+
+
+def _lock_owner(fd: int) -> str:
+    """The holder named by a lock file's record, as 'pid N (started T on HOST)'; "" when the file holds none."""
+    text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if not text:
+        return ""
+    try:
+        r = json.loads(text)
+        return f"pid {r['pid']} (started {r['started']} on {r['host']})"
+    except (ValueError, KeyError, TypeError):
+        return f"another process (lock record {text[:80]!r})"
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -494,7 +564,8 @@ def ensure_demo_data(
     """Generate the built-in story corpus and prepare it, unless both are already done (idempotent).
 
     This is what the default training run calls. Regenerates the corpus when ``size_mb``, ``seed`` or
-    the generator version changed; ``prepare`` then redoes only what depends on it.
+    the generator version changed; ``prepare`` then redoes only what depends on it. A directory holding
+    prepared data that this function did not make is refused (ValueError), never overwritten.
     """
     from llm.stories import GENERATOR_VERSION, generate_stories
 
@@ -503,6 +574,14 @@ def ensure_demo_data(
     info_path = out / "stories.json"
     want = {"size_mb": size_mb, "seed": seed, "generator_version": GENERATOR_VERSION}
     with _dir_lock(out):
+        # stories.json marks a directory this function made; anything prepared there without it is someone's data
+        theirs = [n for n in ("meta.json", ".prepare_state.json", "train.npy", "val.npy", "tokenizer")
+                  if (out / n).exists()]
+        if theirs and not info_path.exists():
+            raise ValueError(
+                f"{out} holds data ensure_demo_data did not make ({', '.join(theirs)}); the demo corpus is built "
+                "only in a directory of its own (default data/demo)"
+            )
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         fresh = stories.exists() and {k: info.get(k) for k in want} == want and info.get("sha256") == sha256_file(stories)
         if not fresh:

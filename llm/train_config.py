@@ -36,7 +36,7 @@ class TrainConfig:
     train_data: str = "data/demo/train.npy"
     val_data: str = "data/demo/val.npy"
     tokenizer_dir: str | None = None  # None: <dir of train_data>/tokenizer when it exists
-    prepare_demo_data: bool = False  # build data/demo (built-in stories -> BPE -> .npy) when missing
+    prepare_demo_data: bool = False  # build data/demo (built-in stories -> BPE -> .npy) when missing; no other dir
     out_dir: str = "runs/demo"
     # optimisation
     max_steps: int = 1000

@@ -41,6 +41,7 @@ from torch import nn
 
 from llm.checkpoint import Divergence, DivergenceCheck, latest_intact_checkpoint, retire_checkpoints
 from llm.config import ModelConfig
+from llm.data import DirLockBusy, _dir_lock
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
 EVAL_STREAM = 0x5EED_E7A1  # separates the validation batches' random stream from the training one
@@ -412,9 +413,17 @@ def evaluate(model: nn.Module, val: np.ndarray, cfg: TrainConfig, info: DistInfo
     return float(_all_reduce_sum(total, info)) / cfg.eval_batches
 
 
+def uses_demo_data_paths(cfg: TrainConfig) -> bool:
+    """Whether the run reads the demo preset's own token arrays (data/demo/...): the only place the demo
+    corpus is ever built, so a run on other data never generates or re-prepares anything."""
+    demo = train_preset("demo")
+    return all(os.path.abspath(getattr(cfg, k)) == os.path.abspath(getattr(demo, k))
+               for k in ("train_data", "val_data"))
+
+
 def prepare_data(cfg: TrainConfig, info: DistInfo) -> None:
-    """Build the built-in demo corpus (rank 0; others wait), or check that the token arrays exist."""
-    if cfg.prepare_demo_data:
+    """Build the built-in demo corpus at its own paths (rank 0; others wait), or check that the token arrays exist."""
+    if cfg.prepare_demo_data and uses_demo_data_paths(cfg):
         if info.is_main:
             from llm.data import ensure_demo_data
 
@@ -436,6 +445,26 @@ def tokenizer_dir_for(cfg: TrainConfig) -> str | None:
     return str(guess) if guess.is_dir() else None
 
 
+@contextlib.contextmanager
+def run_dir_lock(cfg: TrainConfig, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR/.lock for the whole run, so a second run in the same out_dir stops with one line
+    instead of interleaving checkpoints and metrics; the other ranks learn the outcome from rank 0."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                stack.enter_context(_dir_lock(Path(cfg.out_dir), wait=False))
+            except DirLockBusy as e:
+                error = f"{e}: wait for it to finish or choose another --out-dir"
+        if info.enabled:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ValueError(error)
+        yield
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = None, overwrite: bool = False,
           quiet: bool = False, profile: bool = False) -> TrainResult:
     """Run (or continue) training as `cfg` says. `resume`: "auto", a run directory or a checkpoint file.
@@ -449,8 +478,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, stop_at: int | None = 
     info = setup_distributed(device_probe.type)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite, profile=profile,
-                      log=log if info.is_main else (lambda *a: None))
+        with run_dir_lock(cfg, info):
+            return _train(cfg, info, resume=resume, stop_at=stop_at, overwrite=overwrite, profile=profile,
+                          log=log if info.is_main else (lambda *a: None))
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         if info.initialized_here and dist.is_initialized():
@@ -501,6 +531,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
     for name, arr in (("train_data", train_tokens), ("val_data", val_tokens)):
         if len(arr) <= cfg.model.context_length + 1:
             raise ValueError(f"{name} has {len(arr)} tokens: fewer than context_length + 2 = {cfg.model.context_length + 2}")
+    log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")  # after the checks: a bad input is one line
 
     if ckpt_path is None and old is not None:  # --overwrite, and the data is fine: now clear the old run
         if info.is_main:
@@ -844,7 +875,15 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             overrides["model"][k[len("model."):]] = v
         elif k in _train_fields() and k != "preset":
             overrides[k] = v
-    return merge(base, overrides)
+    if {"train_data", "val_data"} & set(overrides) and "prepare_demo_data" not in overrides:
+        overrides["prepare_demo_data"] = False  # the user named data: never build the demo corpus in its place
+    cfg = merge(base, overrides)
+    if overrides.get("prepare_demo_data") and not uses_demo_data_paths(cfg):
+        raise ValueError(
+            f"prepare_demo_data builds data/demo only, not train_data {cfg.train_data!r} / val_data {cfg.val_data!r}: "
+            "drop --prepare-demo-data, or prepare that data with `uv run -m llm.data prepare`"
+        )
+    return cfg
 
 
 def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Callable[[], nn.Module | None],
@@ -876,8 +915,6 @@ def _main_train(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        _log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")
     try:
         result = train(cfg, resume=ns.resume, stop_at=ns.stop_at, overwrite=ns.overwrite)
     except (ValueError, FileNotFoundError) as e:
