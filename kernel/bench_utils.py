@@ -11,12 +11,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from llm.fileio import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -240,16 +241,9 @@ class Eta:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """llm.fileio.write_text (temp + rename, no temp left on failure) into a directory made if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, text)
 
 
 def atomic_write_json(path: Path, obj: object) -> None:

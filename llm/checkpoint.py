@@ -16,7 +16,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 from torch import nn
+
+from llm.fileio import replacing
 
 StrPath = str | os.PathLike[str]
 CORE_KEYS = ("model", "optimizer", "iteration")
@@ -128,19 +129,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: StrPath) -> Path:
-    """torch.save to a temp file in the target's directory, fsync, then os.replace over the target."""
+    """torch.save to a temp file in the target's directory, fsync, then os.replace over the target.
+    Any failure removes the temp file; a full disk raises llm.fileio.NoSpaceError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.urandom(4).hex()}")
+    with replacing(path, tmp=tmp), open(tmp, "xb") as f:  # a file object: torch chains the OSError it hit
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(path.parent)
     return path
 

@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm.fileio import NoSpaceError, replacing, space_errors, write_text
+
 HF = "https://huggingface.co"
 
 
@@ -179,7 +181,8 @@ def download_file(
             bar = _Progress(dest.name, total, have, progress)
             done = have
             try:
-                with open(part, mode) as f:
+                with space_errors(part, note=" (the partial download is kept: free space and rerun to resume)"), \
+                        open(part, mode) as f:
                     while block := resp.read(chunk_size):
                         f.write(block)
                         done += len(block)
@@ -225,23 +228,19 @@ def download_file(
 
 def gunzip_file(src: Path, dest: Path, progress: bool = True) -> int:
     """Decompress ``src`` into ``dest`` atomically (temp + rename); return the decompressed size."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
     bar = _Progress(f"unpack {src.name}", src.stat().st_size, 0, progress)
     n = 0
     try:
-        with open(src, "rb") as raw, gzip.open(raw) as fin, open(tmp, "wb") as fout:
+        with replacing(dest) as tmp, open(src, "rb") as raw, gzip.open(raw) as fin, open(tmp, "xb") as fout:
             while block := fin.read(1 << 22):
                 fout.write(block)
                 n += len(block)
                 bar.update(raw.tell())
-        bar.update(src.stat().st_size, final=True)
-        os.replace(tmp, dest)
+            bar.update(src.stat().st_size, final=True)
+    except NoSpaceError:
+        raise  # the archive is fine: free space and rerun
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        tmp.unlink(missing_ok=True)
         raise DownloadError(f"{src}: cannot decompress ({e}); delete it and rerun the download") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return n
 
 
@@ -255,7 +254,7 @@ def fetch(remote: Remote, out_dir: Path, progress: bool = True, **kw) -> dict:
     target = out_dir / (remote.filename + ".gz") if remote.gz else final
     if not (remote.gz and target.exists()):  # a finished .gz from an earlier run only needs unpacking
         info = download_file(remote.url, target, remote.size, remote.sha256, progress=progress, **kw)
-        (out_dir / (target.name + ".sha256")).write_text(f"{info['sha256']}  {target.name}\n")
+        write_text(out_dir / (target.name + ".sha256"), f"{info['sha256']}  {target.name}\n")
     else:
         info = {"path": str(target), "bytes": target.stat().st_size}
     if remote.gz:

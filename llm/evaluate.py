@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{result['tokens']:,} tokens (window {result['context_length']}, stride {result['stride']}; "
                   f"{result['tokens_per_s']:,.0f} tokens/s)")
         return 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an unreadable file or directory
         print(f"error: {e}", file=sys.stderr)
         return 2
 

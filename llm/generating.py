@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, out in enumerate(outs):
                 print(f"--- sample {i + 1}/{len(outs)} ---\n{args.prompt}{out}")
         return 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an unreadable checkpoint or tokenizer file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llm.fileio import replacing
+
 EOT = "<|endoftext|>"
 GENERATOR_VERSION = 2  # bump whenever the output for a given seed changes (ensure_demo_data regenerates)
 
@@ -1030,28 +1032,22 @@ def generate_stories(out_path: str | os.PathLike, size_mb: float = 5.0, seed: in
     n_bytes = n_chars = n_stories = n_words = 0
     words: set[str] = set()
     last_report = t0
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # same dir: atomic rename
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            while n_bytes < target:
-                block = make_story(r) + "\n" + EOT + "\n"
-                f.write(block)
-                n_bytes += len(block.encode("utf-8"))
-                n_chars += len(block)
-                n_stories += 1
-                ws = _WORD.findall(block[: -len(EOT) - 2].lower())
-                n_words += len(ws)
-                words.update(ws)
-                now = time.perf_counter()
-                if progress and now - last_report > 1.0:
-                    last_report = now
-                    frac = n_bytes / target
-                    eta = (now - t0) * (1 - frac) / max(frac, 1e-9)
-                    print(f"\rgenerate: {n_bytes / 1e6:.1f}/{target / 1e6:.1f} MB  ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(out) as tmp, open(tmp, "x", encoding="utf-8", newline="\n") as f:
+        while n_bytes < target:
+            block = make_story(r) + "\n" + EOT + "\n"
+            f.write(block)
+            n_bytes += len(block.encode("utf-8"))
+            n_chars += len(block)
+            n_stories += 1
+            ws = _WORD.findall(block[: -len(EOT) - 2].lower())
+            n_words += len(ws)
+            words.update(ws)
+            now = time.perf_counter()
+            if progress and now - last_report > 1.0:
+                last_report = now
+                frac = n_bytes / target
+                eta = (now - t0) * (1 - frac) / max(frac, 1e-9)
+                print(f"\rgenerate: {n_bytes / 1e6:.1f}/{target / 1e6:.1f} MB  ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
     if progress and time.perf_counter() - t0 > 1.0:
         print(file=sys.stderr, flush=True)
     return {

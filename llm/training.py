@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.fileio import space_errors, write_text
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
 EVAL_STREAM = 0x5EED_E7A1  # separates the validation batches' random stream from the training one
@@ -283,8 +284,9 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+            with space_errors(self.path):
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -292,9 +294,7 @@ class MetricsLog:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)  # temp + rename; on a full disk the temp goes and NoSpaceError names `path`
 
 
 def _fmt_time(s: float) -> str:
@@ -895,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main_train(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2
+    except OSError as e:  # a full disk (NoSpaceError names the file), a read-only or vanished directory
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------------- loop overhead
