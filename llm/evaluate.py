@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 from llm.generating import _autocast, _context_length, _device, _vocab_size
-from llm.hardware import THREADS_HELP, set_threads
+from llm.hardware import DEVICE_HELP, THREADS_HELP, device_from_name, set_threads
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 
 def token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -150,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=None, help="window step (default: context_length // 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
@@ -159,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llm.generating import load_model
 
         set_threads(args.threads)
+        device_from_name(args.device)  # an unusable device: one line before the checkpoint is read
         if args.max_tokens is not None and args.max_tokens < 2:
             raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)

@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from llm.config import ModelConfig
-from llm.fileio import space_errors, write_text
+from llm.fileio import check_writable, space_errors, write_text
+from llm.hardware import device_from_name
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
 EVAL_STREAM = 0x5EED_E7A1  # separates the validation batches' random stream from the training one
@@ -100,19 +101,10 @@ def _barrier(info: DistInfo) -> None:
 
 # ------------------------------------------------------------------------------------------- hardware
 def resolve_device(cfg: TrainConfig, info: DistInfo | None = None) -> torch.device:
-    name = cfg.device
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda" and info is not None and info.enabled:
-        name = f"cuda:{info.local_rank}"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch sees no CUDA GPU (use --device cpu)")
+    """cfg.device via llm.hardware.device_from_name; under torchrun a bare "cuda" is this rank's local GPU."""
+    dev = device_from_name(cfg.device)
+    if dev.type == "cuda" and dev.index is None and info is not None and info.enabled:
+        dev = torch.device("cuda", info.local_rank)
     return dev
 
 
