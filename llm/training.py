@@ -802,13 +802,36 @@ def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Cal
     print(f"\nsample:\n{text}\n", flush=True)
 
 
+def _img_dir(cfg: TrainConfig, ns: argparse.Namespace) -> str | None:
+    """Where the plots are copied besides the run directory: --img-dir, else img/ for the demo preset."""
+    return ns.img_dir if ns.img_dir is not None else ("img" if cfg.preset == "demo" else None)
+
+
+def _check_arguments(cfg: TrainConfig, ns: argparse.Namespace) -> None:
+    """What TrainConfig.validate cannot see (paths on this machine, the sample printed at the end), checked
+    before any work: a run must not train for hours and then fail on an argument it could have checked."""
+    if ns.stop_at is not None and ns.stop_at <= 0:
+        raise ValueError(f"--stop-at must be positive, got {ns.stop_at}")
+    resolve_device(cfg)
+    check_writable(cfg.out_dir, what="--out-dir", is_dir=True)
+    if not ns.no_plot and _img_dir(cfg, ns) is not None:
+        check_writable(_img_dir(cfg, ns), what="--img-dir", is_dir=True)
+    if ns.no_sample or cfg.sample_tokens == 0:
+        return
+    if not cfg.sample_prompt:
+        raise ValueError("--sample-prompt must not be empty (or pass --no-sample)")
+    tok = _load_tokenizer(tokenizer_dir_for(cfg))  # None until the demo data is built: checked at the end then
+    if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir_for(cfg)} has {tok.vocab_size} tokens but the model's vocab_size "
+                         f"is {cfg.model.vocab_size}, so the sample at the end could not use it (pass --tokenizer-dir "
+                         "of the tokenizer that encoded the data, or --no-sample)")
+
+
 def _main_train(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(ns)
-        if ns.stop_at is not None and ns.stop_at <= 0:
-            raise ValueError(f"--stop-at must be positive, got {ns.stop_at}")
-        resolve_device(cfg)  # an unusable device is a config error: say so before any work
+        _check_arguments(cfg, ns)  # every argument, before any work
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -830,8 +853,7 @@ def _main_train(argv: list[str]) -> int:
     if not ns.no_plot:
         from llm.plotting import plot_run
 
-        img = ns.img_dir if ns.img_dir is not None else ("img" if cfg.preset == "demo" else None)
-        written = plot_run(cfg.out_dir, img, unigram_entropy=_entropy_or_none(cfg))
+        written = plot_run(cfg.out_dir, _img_dir(cfg, ns), unigram_entropy=_entropy_or_none(cfg))
         if written:
             _log("plots: " + ", ".join(str(p) for p in written))
 
