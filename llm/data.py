@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llm.fileio import replacing, temp_path, write_text
+from llm.fileio import check_writable, replacing, temp_path, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -340,6 +340,7 @@ def prepare(
     present (idempotent), and an interrupted run redoes only the unfinished steps. ``force`` redoes all.
     Returns ``load_meta(out_dir)``.
     """
+    from llm.bpe.train import check_workers
     from llm.bpe_tokenizer import BpeTokenizer, train_bpe  # lazy: data users without prepare need not import it
 
     src = Path(input_path)
@@ -352,6 +353,8 @@ def prepare(
         raise ValueError(f"vocab_size must be an integer >= 256 + {len(special_tokens)} special tokens, got {vocab_size}")
     if val_input is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_workers(num_workers)  # here too, not only in the step that uses it: fail before the split runs
+    check_writable(out, what="out", is_dir=True)
     special_tokens = list(special_tokens)
     t_start = time.perf_counter()
     with _dir_lock(out):

@@ -19,14 +19,18 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llm.fileio import replacing
+from llm.fileio import check_writable, replacing
 
 EOT = "<|endoftext|>"
+# The largest corpus generate_stories writes: 10 GB (TinyStories is 2.2 GB), about 14 minutes at ~12 MB/s.
+# A synthetic demo corpus has no use beyond that, and a typo (--size-mb 1e12) must not fill the disk.
+MAX_SIZE_MB = 10_000
 GENERATOR_VERSION = 2  # bump whenever the output for a given seed changes (ensure_demo_data regenerates)
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -1024,9 +1028,16 @@ def generate_stories(out_path: str | os.PathLike, size_mb: float = 5.0, seed: in
     """
     if not size_mb > 0:
         raise ValueError(f"size_mb must be > 0, got {size_mb}")
+    if size_mb > MAX_SIZE_MB:
+        raise ValueError(f"size_mb must be at most {MAX_SIZE_MB:,} (a demo corpus), got {size_mb:g}")
     out = Path(out_path)
+    check_writable(out, what="out", is_dir=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = int(size_mb * 1_000_000)
+    free = shutil.disk_usage(out.parent).free
+    if target > free:
+        raise ValueError(f"size_mb {size_mb:g}: {target / 1e6:,.0f} MB needed but only {free / 1e6:,.0f} MB free "
+                         f"in {out.parent}")
     r = random.Random(seed)
     t0 = time.perf_counter()
     n_bytes = n_chars = n_stories = n_words = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
-from llm.bpe.train import default_workers, mp_context
+from llm.bpe.train import check_workers, default_workers, mp_context
 from llm.fileio import replacing
 
 _HEADER = 128  # bytes reserved for the .npy header (multiple of 64 as the format recommends)
@@ -54,6 +54,7 @@ def _encode_range(args: tuple[str, int, int]) -> np.ndarray:
 
 
 def encode_file(tok, input_path, output_path, num_workers: int | None = None, progress: bool = True) -> int:
+    check_workers(num_workers)
     path = os.fspath(input_path)
     if not os.path.isfile(path):
         raise ValueError(f"input file not found: {path}")
