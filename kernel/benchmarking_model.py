@@ -53,7 +53,7 @@ from kernel.bench_utils import (
     sync,
 )
 from llm.config import MODEL_PRESETS, ModelConfig, model_preset
-from llm.fileio import replacing
+from llm.fileio import check_writable, replacing
 from llm.hardware import peak_flops
 
 PHASES = ("forward", "fwd+bwd", "step")
@@ -507,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown phase(s) {bad}; choose from {', '.join(PHASES)}")
         if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
             raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1")
+        if args.json is not None:  # outputs checked now, not after minutes of timing
+            check_writable(args.json, what="--json", is_dir=False)
+        if args.sweep:
+            check_writable(args.results_dir, what="--results-dir", is_dir=True)
+            check_writable(args.img_dir, what="--img-dir", is_dir=True)
         if args.threads:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
