@@ -11,25 +11,27 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from llm.fileio import write_text
+from llm.hardware import device_from_name
+
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device of the benchmarks: cpu or cuda (auto: cuda when present); names checked by llm's device_from_name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or auto")
-    return torch.device(name)
+    dev = device_from_name(name)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"the benchmarks run on cpu or cuda, not {name!r}")
+    return dev
 
 
 def sync(device: torch.device) -> None:
@@ -240,16 +242,9 @@ class Eta:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """llm.fileio.write_text (temp + rename, no temp left on failure) into a directory made if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, text)
 
 
 def atomic_write_json(path: Path, obj: object) -> None:

@@ -53,6 +53,7 @@ from kernel.bench_utils import (
     sync,
 )
 from llm.config import MODEL_PRESETS, ModelConfig, model_preset
+from llm.fileio import check_writable, replacing
 from llm.hardware import peak_flops
 
 PHASES = ("forward", "fwd+bwd", "step")
@@ -446,10 +447,11 @@ def sweep_plot(data: dict, path: Path) -> str:
     if ax2.lines[1:]:
         ax2.legend(fontsize=7, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with replacing(path, tmp=path.with_suffix(".tmp.png")) as tmp:  # savefig takes the format from ".png"
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return f"plot: {path}"
 
 
@@ -506,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown phase(s) {bad}; choose from {', '.join(PHASES)}")
         if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
             raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1")
+        if args.json is not None:  # outputs checked now, not after minutes of timing
+            check_writable(args.json, what="--json", is_dir=False)
+        if args.sweep:
+            check_writable(args.results_dir, what="--results-dir", is_dir=True)
+            check_writable(args.img_dir, what="--img-dir", is_dir=True)
         if args.threads:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
@@ -552,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             atomic_write_json(args.json, result)
         return 0
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, OSError) as e:  # OSError: a results file that cannot be written
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 

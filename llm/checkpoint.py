@@ -23,7 +23,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -34,6 +33,8 @@ from typing import IO, Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+
+from llm.fileio import replacing
 
 StrPath = str | os.PathLike[str]
 CORE_KEYS = ("model", "optimizer", "iteration")
@@ -141,22 +142,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], T], *, stale: Path | None = None) -> T:
-    """`write(f)` into a temp file in `path`'s directory, fsync, then os.replace over `path`: readers see the
-    old file or the new one, never part of one. `stale` (a file describing the old content, such as its
-    checksum) is removed just before the swap, so it never vouches for the new file. Returns write's result."""
+    """`write(f)` into a temp file in `path`'s directory, fsync, then os.replace over `path`
+    (llm.fileio.replacing: readers see the old file or the new one, never part of one; any failure removes
+    the temp file, and a full disk is one NoSpaceError line naming `path`). `stale` (a file describing the
+    old content, such as its checksum) is removed just before the swap, so it never vouches for the new
+    file. Returns write's result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.urandom(4).hex()}")
+    with replacing(path, tmp=tmp):
+        with open(tmp, "xb") as f:  # a file object: torch chains the OSError it hit
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
         if stale is not None:
             stale.unlink(missing_ok=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     _fsync_dir(path.parent)
     return result
 

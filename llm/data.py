@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm.fileio import check_writable, replacing, temp_path, write_text
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks (see _dir_lock)
@@ -206,19 +208,11 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
 
 def _tmp_path(final: Path) -> Path:
     """A fresh temp name next to ``final`` (same filesystem, so os.replace is atomic)."""
-    return final.with_name(f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    return temp_path(final)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "x") as f:  # "x" + the process umask: normal permissions, unlike mkstemp's 0600
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def iter_documents(path: str | os.PathLike, separator: str) -> Iterator[str]:
@@ -267,11 +261,14 @@ def split_documents(
         )
     k = min(n - 1, max(1, round(val_fraction * n)))
     val_ids = set(random.Random(seed).sample(range(n), k))
-    tmps = {"train": _tmp_path(train_path), "val": _tmp_path(val_path)}
-    files = {}
-    try:
-        for name, tmp in tmps.items():
-            files[name] = open(tmp, "x", encoding="utf-8", newline="")
+    both = f"{train_path} and {val_path}"  # written side by side: a full disk can strike either
+    with (
+        replacing(train_path, label=both) as train_tmp,
+        replacing(val_path, label=both) as val_tmp,
+        open(train_tmp, "x", encoding="utf-8", newline="") as train_f,
+        open(val_tmp, "x", encoding="utf-8", newline="") as val_f,
+    ):
+        files = {"train": train_f, "val": val_f}
         stats = {"train_documents": 0, "val_documents": 0}
         for i, doc in enumerate(iter_documents(input_path, sep)):
             which = "val" if i in val_ids else "train"
@@ -280,18 +277,9 @@ def split_documents(
             else:  # paragraphs: a blank line between them, a newline at the end
                 files[which].write(("\n\n" if stats[f"{which}_documents"] else "") + doc)
             stats[f"{which}_documents"] += 1
-        for f in files.values():
-            if not has_sep:
+        if not has_sep:
+            for f in files.values():
                 f.write("\n")
-            f.close()
-        os.replace(tmps["train"], train_path)
-        os.replace(tmps["val"], val_path)
-    except BaseException:
-        for f in files.values():
-            f.close()
-        for t in tmps.values():
-            t.unlink(missing_ok=True)
-        raise
     stats["separator"] = separator if has_sep else "blank line"
     return stats
 
@@ -422,6 +410,7 @@ def prepare(
     present (idempotent), and an interrupted run redoes only the unfinished steps. ``force`` redoes all.
     Returns ``load_meta(out_dir)``.
     """
+    from llm.bpe.train import check_workers
     from llm.bpe_tokenizer import BpeTokenizer, train_bpe  # lazy: data users without prepare need not import it
 
     src = Path(input_path)
@@ -434,6 +423,8 @@ def prepare(
         raise ValueError(f"vocab_size must be an integer >= 256 + {len(special_tokens)} special tokens, got {vocab_size}")
     if val_input is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_workers(num_workers)  # here too, not only in the step that uses it: fail before the split runs
+    check_writable(out, what="out", is_dir=True)
     special_tokens = list(special_tokens)
     t_start = time.perf_counter()
     with _dir_lock(out):
@@ -474,16 +465,11 @@ def prepare(
 
         def do_tokenizer() -> None:
             vocab, merges = train_bpe(str(train_txt), vocab_size, special_tokens, num_workers=num_workers, progress=None if not quiet else False)
-            tmp = _tmp_path(tok_dir)
-            tmp.mkdir()
-            try:
+            with replacing(tok_dir) as tmp:
+                tmp.mkdir()
                 BpeTokenizer(vocab, merges, special_tokens).save(str(tmp))
                 if tok_dir.exists():
                     shutil.rmtree(tok_dir)
-                os.replace(tmp, tok_dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
 
         run_step("tokenizer", tok_fp, [tok_dir], do_tokenizer)
         tok = None
@@ -491,14 +477,9 @@ def prepare(
         def encode(text: Path, final: Path) -> None:
             nonlocal tok
             tok = tok or BpeTokenizer.load(str(tok_dir))
-            tmp = final.with_name(f".{final.stem}.tmp.npy")
-            try:
+            with replacing(final) as tmp:
                 tok.encode_file(str(text), str(tmp), num_workers=num_workers, progress=not quiet)
                 open_tokens(tmp, tok.vocab_size)  # never publish an array the tokenizer could not have made
-                os.replace(tmp, final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
 
         for split, text, sha in (("train", train_txt, train_sha), ("val", val_txt, val_sha)):
             fp = {"text_sha256": sha, "tokenizer": tok_fp}

@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm.fileio import NoSpaceError, replacing, space_errors, write_text
+
 HF = "https://huggingface.co"
 
 
@@ -139,6 +141,8 @@ def download_file(
             headers["Range"] = f"bytes={have}-"
         try:
             resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        except ValueError as e:  # urllib: "unknown url type"
+            raise DownloadError(f"{url}: not a URL urllib can fetch ({e})") from None
         except urllib.error.HTTPError as e:
             if e.code == 416 and have:  # nothing left to send: the .part is complete, or wrong
                 cr = e.headers.get("Content-Range", "")
@@ -179,7 +183,8 @@ def download_file(
             bar = _Progress(dest.name, total, have, progress)
             done = have
             try:
-                with open(part, mode) as f:
+                with space_errors(part, note=" (the partial download is kept: free space and rerun to resume)"), \
+                        open(part, mode) as f:
                     while block := resp.read(chunk_size):
                         f.write(block)
                         done += len(block)
@@ -208,11 +213,7 @@ def download_file(
     if want is not None and size != want:
         part.unlink()
         raise DownloadError(f"{dest.name}: downloaded {size} bytes but expected {want}; the file was corrupt and was deleted, rerun to fetch it again")
-    h = hashlib.sha256()
-    with open(part, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_of(part)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         part.unlink()
         raise DownloadError(
@@ -225,37 +226,64 @@ def download_file(
 
 def gunzip_file(src: Path, dest: Path, progress: bool = True) -> int:
     """Decompress ``src`` into ``dest`` atomically (temp + rename); return the decompressed size."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
     bar = _Progress(f"unpack {src.name}", src.stat().st_size, 0, progress)
     n = 0
     try:
-        with open(src, "rb") as raw, gzip.open(raw) as fin, open(tmp, "wb") as fout:
+        with replacing(dest) as tmp, open(src, "rb") as raw, gzip.open(raw) as fin, open(tmp, "xb") as fout:
             while block := fin.read(1 << 22):
                 fout.write(block)
                 n += len(block)
                 bar.update(raw.tell())
-        bar.update(src.stat().st_size, final=True)
-        os.replace(tmp, dest)
+            bar.update(src.stat().st_size, final=True)
+    except NoSpaceError:
+        raise  # the archive is fine: free space and rerun
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        tmp.unlink(missing_ok=True)
         raise DownloadError(f"{src}: cannot decompress ({e}); delete it and rerun the download") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return n
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_existing(path: Path, expected: str | None, recorded: Path | None = None) -> None:
+    """Raise DownloadError when a file that is already there does not have the expected sha256 (the sha256 of
+    the downloaded object: for an unpacked .gz, the hash recorded in ``recorded`` when it was fetched).
+    The file is kept: it may be the right one and the expected hash wrong."""
+    if expected is None:
+        return
+    if recorded is not None:
+        if not recorded.is_file():
+            raise DownloadError(f"{path}: already there but its sha256 cannot be checked ({recorded} is missing); "
+                                "the file is kept: delete it to download and check it again")
+        words = recorded.read_text().split()  # "HEX  NAME", as fetch writes it
+        digest = words[0] if words else ""
+    else:
+        digest = sha256_of(path)
+    if digest != expected.lower():
+        raise DownloadError(f"{path}: already there but its sha256 {digest[:16]}... does not match the expected "
+                            f"{expected[:16]}...; the file is kept: delete it to download it again")
+
+
 def fetch(remote: Remote, out_dir: Path, progress: bool = True, **kw) -> dict:
-    """Download (and unpack ``.gz``) one remote file into ``out_dir``; skip it if already complete."""
+    """Download (and unpack ``.gz``) one remote file into ``out_dir``; skip it if already complete (after
+    checking it against ``remote.sha256`` when one is given)."""
     final = out_dir / remote.filename
+    target = out_dir / (remote.filename + ".gz") if remote.gz else final
     if final.exists():
+        verify_existing(final, remote.sha256, out_dir / (target.name + ".sha256") if remote.gz else None)
         if progress:
             print(f"{final}: already downloaded ({_fmt_bytes(final.stat().st_size)}), skipped", file=sys.stderr)
         return {"path": str(final), "bytes": final.stat().st_size, "skipped": True}
-    target = out_dir / (remote.filename + ".gz") if remote.gz else final
+    if remote.gz and target.exists():
+        verify_existing(target, remote.sha256)
     if not (remote.gz and target.exists()):  # a finished .gz from an earlier run only needs unpacking
         info = download_file(remote.url, target, remote.size, remote.sha256, progress=progress, **kw)
-        (out_dir / (target.name + ".sha256")).write_text(f"{info['sha256']}  {target.name}\n")
+        write_text(out_dir / (target.name + ".sha256"), f"{info['sha256']}  {target.name}\n")
     else:
         info = {"path": str(target), "bytes": target.stat().st_size}
     if remote.gz:
@@ -281,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     remotes = DATASETS[args.dataset]
+    for u in args.url or []:  # every URL checked before the first download starts
+        parts = urllib.parse.urlsplit(u)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            print(f"error: --url {u!r} is not an http(s) URL (e.g. https://host/path/file.txt)", file=sys.stderr)
+            return 2
     if args.url:
         remotes = [Remote(u, Path(urllib.parse.urlsplit(u).path).name.removesuffix(".gz") or "download") for u in args.url]
     if args.mirror:

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 from llm.generating import _autocast, _context_length, _device, _vocab_size
-from llm.hardware import THREADS_HELP, set_threads
+from llm.hardware import DEVICE_HELP, THREADS_HELP, device_from_name, set_threads
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 
 def token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -67,13 +69,13 @@ def evaluate_tokens(
     progress: bool = False,
 ) -> dict:
     """{"loss", "perplexity", "tokens" (scored), "windows", "context_length", "stride", "seconds", "tokens_per_s"}.
-    stride defaults to context_length // 2."""
+    context_length defaults to the model's, stride to context_length // 2 (None means the default; 0 is an error)."""
     model.eval()
     device = _device(model)
-    ctx = context_length or _context_length(model)
+    ctx = _context_length(model) if context_length is None else context_length
     if ctx > _context_length(model) or ctx < 1:
         raise ValueError(f"context_length must be in [1, {_context_length(model)}] (the model's), got {ctx}")
-    stride = stride or max(1, ctx // 2)
+    stride = max(1, ctx // 2) if stride is None else stride
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     arr = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens)
@@ -119,25 +121,33 @@ def evaluate_tokens(
 
 
 def load_tokens(path: str | Path, tokenizer, vocab_size: int, max_tokens: int | None = None) -> np.ndarray:
-    """A .npy token array (memmapped, validated) or a text file tokenised with `tokenizer`."""
+    """A .npy token array (memmapped, validated; recognised by its magic bytes whatever the file is called)
+    or a UTF-8 text file tokenised with `tokenizer`. Anything else is a ValueError with one line: scoring
+    binary data as if it were text gives a perplexity that means nothing."""
     from llm.data import open_tokens
 
     p = Path(path)
     if not p.exists():
         raise ValueError(f"data file not found: {p}")
-    if p.suffix == ".npy":
-        try:
-            arr = open_tokens(p, vocab_size)
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory; pass a .npy token array or a text file (e.g. {p / 'val.npy'})")
+    with open(p, "rb") as f:
+        head = f.read(1 << 16)
+    if p.suffix == ".npy" or head.startswith(NPY_MAGIC):
+        arr = open_tokens(p, vocab_size)
         return arr[:max_tokens] if max_tokens else arr
+    if b"\0" in head:
+        raise ValueError(f"{p}: binary data, neither a .npy token array nor text (save raw token ids with np.save)")
     print(f"tokenising {p} ...", file=sys.stderr, flush=True)
     ids: list[int] = []
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for tok in tokenizer.encode_iterable(f):
-            ids.append(tok)
-            if max_tokens and len(ids) >= max_tokens:
-                break
+    try:
+        with open(p, encoding="utf-8") as f:
+            for tok in tokenizer.encode_iterable(f):
+                ids.append(tok)
+                if max_tokens and len(ids) >= max_tokens:
+                    break
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e.reason}) and not a .npy token array") from None
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -150,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=None, help="window step (default: context_length // 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
@@ -159,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llm.generating import load_model
 
         set_threads(args.threads)
+        device_from_name(args.device)  # an unusable device: one line before the checkpoint is read
         if args.max_tokens is not None and args.max_tokens < 2:
             raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)
@@ -182,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{result['tokens']:,} tokens (window {result['context_length']}, stride {result['stride']}; "
                   f"{result['tokens_per_s']:,.0f} tokens/s)")
         return 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an unreadable file or directory
         print(f"error: {e}", file=sys.stderr)
         return 2
 

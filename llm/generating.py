@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from llm import decode_step
-from llm.hardware import THREADS_HELP, set_threads
+from llm.hardware import DEVICE_HELP, THREADS_HELP, device_from_name, set_threads
 from llm.kv_cache import KVCache
 from llm.sampling import Hypothesis, SamplingConfig, beam_search, sample_next, token_counts
 
@@ -480,7 +480,7 @@ def load_model(checkpoint: str | Path, *, device: str | torch.device | None = No
         cfg = ModelConfig.from_dict(dict(ckpt["model_config"]))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: incompatible model_config: {e}") from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = device_from_name(None if device is None else str(device))
     model = Transformer.from_config(cfg, device=dev)
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     try:
@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (deterministic)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (for comparison)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--interactive", action="store_true", help="REPL: type prompts, /temp /topk /topp /reset /quit")
     return p
@@ -669,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.interactive and not args.prompt:
             raise ValueError("empty prompt: pass --prompt TEXT (or --interactive)")
         set_threads(args.threads)
+        device_from_name(args.device)  # an unusable device: one line before the checkpoint is read
         model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)
         slid = []
 
@@ -708,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, out in enumerate(outs):
                 print(f"--- sample {i + 1}/{len(outs)} ---\n{args.prompt}{out}")
         return 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an unreadable checkpoint or tokenizer file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -54,6 +54,37 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, o
     return measure_cpu_matmul_flops(), "measured fp32 matmul"
 
 
+DEVICE_HELP = "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps"
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def device_from_name(name: str | None) -> torch.device:
+    """A --device value as a torch.device this machine has; None or "auto": cuda, else mps, else cpu.
+    ValueError with one line for an unknown name or a device torch cannot see (torch itself would fail
+    later, deep in the first CUDA call, with a multi-line traceback)."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}; use {DEVICE_HELP}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} requested but torch sees no CUDA GPU (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name} requested but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {name} requested but this machine has no MPS backend (use --device cpu)")
+    return dev
+
+
 THREADS_HELP = "CPU threads for torch (default: torch's); 1 is faster when the machine is busy"
 
 

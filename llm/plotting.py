@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from llm.fileio import replacing
+
 INSTALL_HINT = "matplotlib is not installed, so no plots were drawn: run `uv sync --extra plot` to get loss.png and lr.png"
 
 
@@ -42,9 +44,9 @@ def _import_pyplot():
 def _save(fig, paths: list[Path]) -> None:
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, p)  # atomic: a reader never sees half a png
+        # atomic: a reader never sees half a png; the temp ends in .png because savefig picks the format from it
+        with replacing(p, tmp=p.with_name(f".{p.name}.tmp{os.getpid()}.png")) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def plot_run(run_dir: str | Path, img_dir: str | Path | None = None, *, unigram_entropy: float | None = None,

@@ -19,12 +19,18 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llm.fileio import check_writable, replacing
+
 EOT = "<|endoftext|>"
+# The largest corpus generate_stories writes: 10 GB (TinyStories is 2.2 GB), about 14 minutes at ~12 MB/s.
+# A synthetic demo corpus has no use beyond that, and a typo (--size-mb 1e12) must not fill the disk.
+MAX_SIZE_MB = 10_000
 GENERATOR_VERSION = 2  # bump whenever the output for a given seed changes (ensure_demo_data regenerates)
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -1022,36 +1028,37 @@ def generate_stories(out_path: str | os.PathLike, size_mb: float = 5.0, seed: in
     """
     if not size_mb > 0:
         raise ValueError(f"size_mb must be > 0, got {size_mb}")
+    if size_mb > MAX_SIZE_MB:
+        raise ValueError(f"size_mb must be at most {MAX_SIZE_MB:,} (a demo corpus), got {size_mb:g}")
     out = Path(out_path)
+    check_writable(out, what="out", is_dir=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = int(size_mb * 1_000_000)
+    free = shutil.disk_usage(out.parent).free
+    if target > free:
+        raise ValueError(f"size_mb {size_mb:g}: {target / 1e6:,.0f} MB needed but only {free / 1e6:,.0f} MB free "
+                         f"in {out.parent}")
     r = random.Random(seed)
     t0 = time.perf_counter()
     n_bytes = n_chars = n_stories = n_words = 0
     words: set[str] = set()
     last_report = t0
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # same dir: atomic rename
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            while n_bytes < target:
-                block = make_story(r) + "\n" + EOT + "\n"
-                f.write(block)
-                n_bytes += len(block.encode("utf-8"))
-                n_chars += len(block)
-                n_stories += 1
-                ws = _WORD.findall(block[: -len(EOT) - 2].lower())
-                n_words += len(ws)
-                words.update(ws)
-                now = time.perf_counter()
-                if progress and now - last_report > 1.0:
-                    last_report = now
-                    frac = n_bytes / target
-                    eta = (now - t0) * (1 - frac) / max(frac, 1e-9)
-                    print(f"\rgenerate: {n_bytes / 1e6:.1f}/{target / 1e6:.1f} MB  ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(out) as tmp, open(tmp, "x", encoding="utf-8", newline="\n") as f:
+        while n_bytes < target:
+            block = make_story(r) + "\n" + EOT + "\n"
+            f.write(block)
+            n_bytes += len(block.encode("utf-8"))
+            n_chars += len(block)
+            n_stories += 1
+            ws = _WORD.findall(block[: -len(EOT) - 2].lower())
+            n_words += len(ws)
+            words.update(ws)
+            now = time.perf_counter()
+            if progress and now - last_report > 1.0:
+                last_report = now
+                frac = n_bytes / target
+                eta = (now - t0) * (1 - frac) / max(frac, 1e-9)
+                print(f"\rgenerate: {n_bytes / 1e6:.1f}/{target / 1e6:.1f} MB  ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
     if progress and time.perf_counter() - t0 > 1.0:
         print(file=sys.stderr, flush=True)
     return {

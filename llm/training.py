@@ -42,6 +42,8 @@ from torch import nn
 from llm.checkpoint import Divergence, DivergenceCheck, latest_intact_checkpoint, retire_checkpoints
 from llm.config import ModelConfig
 from llm.data import DirLockBusy, _dir_lock
+from llm.fileio import check_writable, space_errors, write_text
+from llm.hardware import device_from_name
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 
 EVAL_STREAM = 0x5EED_E7A1  # separates the validation batches' random stream from the training one
@@ -101,19 +103,10 @@ def _barrier(info: DistInfo) -> None:
 
 # ------------------------------------------------------------------------------------------- hardware
 def resolve_device(cfg: TrainConfig, info: DistInfo | None = None) -> torch.device:
-    name = cfg.device
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda" and info is not None and info.enabled:
-        name = f"cuda:{info.local_rank}"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch sees no CUDA GPU (use --device cpu)")
+    """cfg.device via llm.hardware.device_from_name; under torchrun a bare "cuda" is this rank's local GPU."""
+    dev = device_from_name(cfg.device)
+    if dev.type == "cuda" and dev.index is None and info is not None and info.enabled:
+        dev = torch.device("cuda", info.local_rank)
     return dev
 
 
@@ -323,8 +316,9 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+            with space_errors(self.path):
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -332,9 +326,7 @@ class MetricsLog:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)  # temp + rename; on a full disk the temp goes and NoSpaceError names `path`
 
 
 def _fmt_time(s: float) -> str:
@@ -904,13 +896,36 @@ def _finish_demo_report(cfg: TrainConfig, result: TrainResult, model_loader: Cal
     print(f"\nsample:\n{text}\n", flush=True)
 
 
+def _img_dir(cfg: TrainConfig, ns: argparse.Namespace) -> str | None:
+    """Where the plots are copied besides the run directory: --img-dir, else img/ for the demo preset."""
+    return ns.img_dir if ns.img_dir is not None else ("img" if cfg.preset == "demo" else None)
+
+
+def _check_arguments(cfg: TrainConfig, ns: argparse.Namespace) -> None:
+    """What TrainConfig.validate cannot see (paths on this machine, the sample printed at the end), checked
+    before any work: a run must not train for hours and then fail on an argument it could have checked."""
+    if ns.stop_at is not None and ns.stop_at <= 0:
+        raise ValueError(f"--stop-at must be positive, got {ns.stop_at}")
+    resolve_device(cfg)
+    check_writable(cfg.out_dir, what="--out-dir", is_dir=True)
+    if not ns.no_plot and _img_dir(cfg, ns) is not None:
+        check_writable(_img_dir(cfg, ns), what="--img-dir", is_dir=True)
+    if ns.no_sample or cfg.sample_tokens == 0:
+        return
+    if not cfg.sample_prompt:
+        raise ValueError("--sample-prompt must not be empty (or pass --no-sample)")
+    tok = _load_tokenizer(tokenizer_dir_for(cfg))  # None until the demo data is built: checked at the end then
+    if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir_for(cfg)} has {tok.vocab_size} tokens but the model's vocab_size "
+                         f"is {cfg.model.vocab_size}, so the sample at the end could not use it (pass --tokenizer-dir "
+                         "of the tokenizer that encoded the data, or --no-sample)")
+
+
 def _main_train(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(ns)
-        if ns.stop_at is not None and ns.stop_at <= 0:
-            raise ValueError(f"--stop-at must be positive, got {ns.stop_at}")
-        resolve_device(cfg)  # an unusable device is a config error: say so before any work
+        _check_arguments(cfg, ns)  # every argument, before any work
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -930,8 +945,7 @@ def _main_train(argv: list[str]) -> int:
     if not ns.no_plot:
         from llm.plotting import plot_run
 
-        img = ns.img_dir if ns.img_dir is not None else ("img" if cfg.preset == "demo" else None)
-        written = plot_run(cfg.out_dir, img, unigram_entropy=_entropy_or_none(cfg))
+        written = plot_run(cfg.out_dir, _img_dir(cfg, ns), unigram_entropy=_entropy_or_none(cfg))
         if written:
             _log("plots: " + ", ".join(str(p) for p in written))
 
@@ -987,6 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main_train(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2
+    except OSError as e:  # a full disk (NoSpaceError names the file), a read-only or vanished directory
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------------- loop overhead

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
-from llm.bpe.train import default_workers, mp_context
+from llm.bpe.train import check_workers, default_workers, mp_context
+from llm.fileio import replacing
 
 _HEADER = 128  # bytes reserved for the .npy header (multiple of 64 as the format recommends)
 _TASK_BYTES = 8 << 20
@@ -53,6 +54,7 @@ def _encode_range(args: tuple[str, int, int]) -> np.ndarray:
 
 
 def encode_file(tok, input_path, output_path, num_workers: int | None = None, progress: bool = True) -> int:
+    check_workers(num_workers)
     path = os.fspath(input_path)
     if not os.path.isfile(path):
         raise ValueError(f"input file not found: {path}")
@@ -80,11 +82,10 @@ def encode_file(tok, input_path, output_path, num_workers: int | None = None, pr
         _worker_tok = tok
         results = map(_encode_range, tasks)
 
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     n = 0
     t0 = last = time.perf_counter()
     try:
-        with open(tmp, "wb") as f:
+        with replacing(out) as tmp, open(tmp, "xb") as f:
             f.write(b"\0" * _HEADER)
             for (_, a, b), arr in zip(tasks, results):
                 f.write(arr.tobytes())
@@ -98,11 +99,8 @@ def encode_file(tok, input_path, output_path, num_workers: int | None = None, pr
                           f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
             f.seek(0)
             f.write(_npy_header(dtype, n))
-        os.replace(tmp, out)
     finally:
         if pool is not None:
             pool.terminate()
         _worker_tok = None
-        if tmp.exists():
-            tmp.unlink()
     return n

@@ -26,6 +26,7 @@ from llm.bpe.batch_bpe import BatchBpe
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
 from llm.bpe.piece_table import PieceTable, chars_to_ids
 from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
+from llm.fileio import write_text
 
 CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
@@ -50,12 +51,6 @@ class _BpeCache(dict):
         if len(word) <= _MAX_PIECE:  # long pre-tokens are rare; caching them could cost MBs each
             self[word] = ids
         return ids
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class BpeTokenizer:
@@ -350,9 +345,9 @@ class BpeTokenizer:
             "special_tokens": self._special_ids,
             "vocab_size": self.vocab_size,
         }
-        _atomic_write(d / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
-        _atomic_write(d / "merges.txt", merges_txt)
-        _atomic_write(d / CONFIG_NAME, json.dumps(config, ensure_ascii=False, indent=1) + "\n")
+        write_text(d / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
+        write_text(d / "merges.txt", merges_txt)
+        write_text(d / CONFIG_NAME, json.dumps(config, ensure_ascii=False, indent=1) + "\n")
         return d
 
     @classmethod

@@ -45,6 +45,13 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_workers(num_workers: int | None) -> None:
+    """None means the default; any other value must be a positive count (0 or -1 do not mean "default" or
+    "all cores" here: they are errors rather than a silent guess)."""
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
+        raise ValueError(f"num_workers must be >= 1 (or unset for the default), got {num_workers}")
+
+
 def mp_context() -> mp.context.BaseContext:
     """fork where available: workers start in milliseconds and inherit the (read-only) state."""
     methods = mp.get_all_start_methods()
@@ -71,6 +78,7 @@ def count_pretokens(
     progress: bool = False,
 ) -> Counter[str]:
     """Counter of pre-token strings over the file; workers count their own byte ranges."""
+    check_workers(num_workers)
     path = os.fspath(input_path)
     size = os.path.getsize(path)
     if num_workers is None:
