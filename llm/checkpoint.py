@@ -488,19 +488,21 @@ def checkpoint_step(path: StrPath) -> int | None:
         return None
 
 
-def _jsonl_after(path: Path, step: int) -> list[str]:
-    """The lines of a JSON-lines log whose record has a "step" beyond `step`."""
+def split_jsonl_by_step(path: Path, step: int) -> tuple[list[str], list[str]]:
+    """The lines of a JSON-lines log (metrics.jsonl) whose record's "step" is at most `step`, and those
+    beyond it; lines that are not such records (a torn last line) are in neither."""
+    upto: list[str] = []
+    after: list[str] = []
     if not path.is_file():
-        return []
-    tail = []
+        return upto, after
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
-            tail.append(line)
-    return tail
+        if isinstance(rec, dict) and isinstance(rec.get("step", 0), int):
+            (after if rec.get("step", 0) > step else upto).append(line)
+    return upto, after
 
 
 def _new_retired_dir(directory: Path) -> Path:
@@ -529,7 +531,7 @@ def retire_checkpoints(directory: StrPath, after_step: int, *, metrics: StrPath 
         step = checkpoint_step(best)
         if step is None or step > after_step:
             later.append((best, f"best.pt (step {step})" if step is not None else "best.pt (unreadable)"))
-    tail = _jsonl_after(Path(metrics), after_step) if metrics is not None else []
+    tail = split_jsonl_by_step(Path(metrics), after_step)[1] if metrics is not None else []
     if not later and not tail:
         return None, []
     dest = _new_retired_dir(directory)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llm.checkpoint import Divergence, DivergenceCheck, latest_intact_checkpoint, retire_checkpoints
+from llm.checkpoint import Divergence, DivergenceCheck, latest_intact_checkpoint, retire_checkpoints, split_jsonl_by_step
 from llm.config import ModelConfig
 from llm.data import DirLockBusy, _dir_lock
 from llm.fileio import check_writable, space_errors, write_text
@@ -303,14 +303,7 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():
             # Drop records beyond the checkpoint (the run died after logging them): they are about to be redone.
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("step", 0) <= resume_step:
-                    keep.append(line)
+            keep, _ = split_jsonl_by_step(path, resume_step)
             _atomic_write_text(path, "".join(k + "\n" for k in keep))
         self._f = path.open("a")
 
