@@ -49,7 +49,7 @@ class TrainConfig:
     grad_accum: int = _help(1, "micro-batches per optimizer step (per process)")
     lr: float = _help(1e-3, "peak learning rate after warmup")
     min_lr: float = _help(1e-4, "reached at max_steps by the cosine schedule")
-    warmup_steps: int = 100
+    warmup_steps: int = _help(100, "linear warmup steps; unless given, a preset's is at most max_steps // 10")
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

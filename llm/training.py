@@ -78,6 +78,9 @@ __all__ = [
     "train", "unigram_entropy", "uses_demo_data_paths",
 ]
 
+WARMUP_SHARE = 10  # a preset's warmup is at most max_steps // WARMUP_SHARE when max_steps is changed
+
+
 # -------------------------------------------------------------------------------------- the corpus' bar
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy (nats/token) of the corpus' unigram distribution: the loss of a model that ignores context,
@@ -192,6 +195,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     preset = ns.preset or toml.pop("preset", None)
     toml.pop("preset", None)
     base = _resumed_config(ns, toml) if ns.resume and preset is None else None
+    from_preset = base is None
     if base is None:
         base = train_preset(preset or "demo")
     overrides: dict[str, Any] = {"model": {}, **({"preset": preset} if preset else {})}
@@ -207,6 +211,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             overrides[k] = v
     if {"train_data", "val_data"} & set(overrides) and "prepare_demo_data" not in overrides:
         overrides["prepare_demo_data"] = False  # the user named data: never build the demo corpus in its place
+    if from_preset and "warmup_steps" not in overrides and "max_steps" in overrides:
+        overrides["warmup_steps"] = scaled_warmup(base.warmup_steps, overrides["max_steps"])
     cfg = merge(base, overrides)
     if overrides.get("prepare_demo_data") and not uses_demo_data_paths(cfg):
         raise ValueError(
@@ -214,6 +220,15 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             "drop --prepare-demo-data, or prepare that data with `uv run -m llm.data prepare`"
         )
     return cfg
+
+
+def scaled_warmup(preset_warmup: int, max_steps: Any) -> Any:
+    """The warmup of a preset run whose max_steps was changed and whose warmup was not: the preset's, but at
+    most a tenth of the run (`--max-steps 20` on the demo's 20-step warmup warms up for 2 steps, then decays).
+    A max_steps that is not a positive int is left for TrainConfig.validate to name."""
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
+        return preset_warmup
+    return min(preset_warmup, max_steps // WARMUP_SHARE)
 
 
 def _resumed_config(ns: argparse.Namespace, toml: dict[str, Any]) -> TrainConfig | None:
