@@ -39,43 +39,21 @@ from llm.checkpoint import read_checkpoint
 from llm.config import ModelConfig
 from llm.data import open_tokens, token_counts
 from llm.data import unigram_entropy as entropy_of_counts
-from llm.distributed import DistInfo, setup_distributed
 from llm.fileio import check_writable
 from llm.generating import generate
-from llm.metrics import MetricsLog, log
+from llm.metrics import log
 from llm.plotting import plot_run
-from llm.run_dir import find_latest_checkpoint, resolve_resume
+from llm.run_dir import resolve_resume
 from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
-from llm.train_loop import (
-    EVAL_STREAM,
-    StopFlag,
-    TrainingError,
-    TrainResult,
-    batch_rng,
-    evaluate,
-    global_micro_index,
-    train,
-)
-from llm.train_setup import (
-    LossModule,
-    autocast_context,
-    build_model,
-    build_optimizer,
-    lr_at,
-    prepare_data,
-    resolve_device,
-    resolve_dtype,
-    tokenizer_dir_for,
-    uses_demo_data_paths,
-)
+from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
+from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
 
-# The names scripts and tests import from here; each is defined in the module named above.
+# What scripts and tests import from here: the CLI's own names, and the training API re-exported from
+# llm.train_loop / llm.train_setup, where it is defined.
 __all__ = [
-    "EVAL_STREAM", "DistInfo", "LossModule", "MetricsLog", "StopFlag", "TrainConfig", "TrainResult", "TrainingError",
-    "autocast_context", "batch_rng", "build_model", "build_optimizer", "build_parser", "config_from_args",
-    "corpus_entropy", "evaluate", "find_latest_checkpoint", "global_micro_index", "lr_at", "main", "prepare_data",
-    "resolve_device", "resolve_dtype", "resolve_resume", "sample_text", "setup_distributed", "tokenizer_dir_for",
-    "train", "unigram_entropy", "uses_demo_data_paths",
+    "LossModule", "TrainConfig", "TrainResult", "TrainingError", "batch_rng", "build_model", "build_parser",
+    "config_from_args", "corpus_entropy", "evaluate", "global_micro_index", "lr_at", "main", "sample_text", "train",
+    "unigram_entropy",
 ]
 
 WARMUP_SHARE = 10  # a preset's warmup is at most max_steps // WARMUP_SHARE when max_steps is changed
