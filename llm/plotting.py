@@ -1,7 +1,7 @@
 """Plots of a training run from its RUN_DIR/metrics.jsonl: loss.png (train/val vs step and vs wall time), lr.png.
 
-matplotlib is an optional extra (`uv sync --extra plot`); without it we say so and carry on, because a
-missing plot must never cost a finished training run.
+matplotlib is a dependency of the package; in an environment installed without it we say so and carry on,
+because a missing plot must never cost a finished training run.
 """
 
 from __future__ import annotations

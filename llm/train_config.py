@@ -26,43 +26,49 @@ from llm.config import MODEL_PRESETS, ModelConfig, model_preset
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _help(default: Any, text: str) -> Any:
+    """A field with a default and the help text of its flag (`uv run -m llm.training --help`)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the model shape (`model`)."""
 
-    preset: str = "demo"  # name of the preset this config started from (informational)
+    preset: str = _help("demo", "name of the preset this config started from (informational)")
     model: ModelConfig = field(default_factory=lambda: model_preset("demo"))
     # data: memmapped token arrays (.npy, uint16/uint32) and the tokenizer that made them
     train_data: str = "data/demo/train.npy"
     val_data: str = "data/demo/val.npy"
-    tokenizer_dir: str | None = None  # None: <dir of train_data>/tokenizer when it exists
-    prepare_demo_data: bool = False  # build data/demo (built-in stories -> BPE -> .npy) when missing; no other dir
+    tokenizer_dir: str | None = _help(None, "None: <dir of train_data>/tokenizer when it exists")
+    prepare_demo_data: bool = _help(False, "build data/demo (built-in stories -> BPE -> .npy) when missing; no other dir")
     out_dir: str = "runs/demo"
     # optimisation
     max_steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step (per process)
-    lr: float = 1e-3  # peak learning rate after warmup
-    min_lr: float = 1e-4  # reached at max_steps by the cosine schedule
-    warmup_steps: int = 100
+    batch_size: int = _help(16, "sequences per micro-batch per process")
+    grad_accum: int = _help(1, "micro-batches per optimizer step (per process)")
+    lr: float = _help(1e-3, "peak learning rate after warmup")
+    min_lr: float = _help(1e-4, "reached at max_steps by the cosine schedule")
+    warmup_steps: int = _help(100, "linear warmup steps; unless given, a preset's is at most max_steps // 10")
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0  # max global L2 norm of the gradient; 0 disables clipping
+    grad_clip: float = _help(1.0, "max global L2 norm of the gradient; 0 disables clipping")
     # bookkeeping
-    eval_interval: int = 100  # steps between validation passes (and at the last step)
-    eval_batches: int = 20  # fixed held-out batches per validation pass
+    eval_interval: int = _help(100, "steps between validation passes (and at the last step)")
+    eval_batches: int = _help(20, "fixed held-out batches per validation pass")
     log_interval: int = 10
-    checkpoint_interval: int = 500  # 0: checkpoint only at the end (and on interrupt)
-    keep_last: int = 2  # newest step checkpoints kept (best.pt and the last one shown healthy are kept besides)
+    checkpoint_interval: int = _help(500, "0: checkpoint only at the end (and on interrupt)")
+    keep_last: int = _help(
+        2, "newest step checkpoints kept (best.pt and the last one shown healthy are kept besides)")
     seed: int = 0
     # hardware
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model
-    threads: int | None = None  # torch CPU threads per process; None: cores / processes on this node
-    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: data sheet (GPU) or measured (CPU)
+    device: str = _help("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = _help("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
+    compile: bool = _help(False, "torch.compile the model")
+    threads: int | None = _help(None, "torch CPU threads per process; None: cores / processes on this node")
+    peak_flops: float | None = _help(None, "device peak FLOP/s for MFU; None: data sheet (GPU) or measured (CPU)")
     # the sample printed at the end
     sample_prompt: str = "Once upon a time"
     sample_tokens: int = 60

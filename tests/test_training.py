@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from llm import training
+from llm.checkpoint import save_checkpoint
 from llm.generating import load_model
 from llm.train_config import TrainConfig, load_toml, merge, train_preset
 from llm.training import TrainingError, batch_rng, global_micro_index, main, train, unigram_entropy
@@ -185,6 +186,37 @@ def test_invalid_values_give_one_error_line_before_any_work(argv, message, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not out.exists()  # nothing started
+
+
+def _parsed(*argv: str) -> TrainConfig:
+    return training.config_from_args(training.build_parser().parse_args(list(argv)))
+
+
+def test_a_shorter_max_steps_scales_the_presets_warmup_to_a_tenth(tmp_path: Path) -> None:
+    """Rule: a preset's warmup_steps, when max_steps is given and warmup_steps is not, becomes
+    min(preset warmup, max_steps // 10); an explicit warmup_steps is kept (and must not exceed max_steps)."""
+    assert _parsed().warmup_steps == 20  # the demo preset as it is: 200 steps, 20 of warmup
+    assert _parsed("--max-steps", "20").warmup_steps == 2
+    assert _parsed("--max-steps", "5").warmup_steps == 0
+    assert _parsed("--max-steps", "1000").warmup_steps == 20  # never longer than the preset's
+    assert _parsed("--preset", "tinystories", "--max-steps", "2000").warmup_steps == 200
+    assert _parsed("--max-steps", "20", "--warmup-steps", "7").warmup_steps == 7
+    toml = tmp_path / "short.toml"
+    toml.write_text("max_steps = 30\n")
+    assert _parsed("--config", str(toml)).warmup_steps == 3
+    toml.write_text("max_steps = 30\nwarmup_steps = 25\n")
+    assert _parsed("--config", str(toml)).warmup_steps == 25
+    with pytest.raises(ValueError, match=r"warmup_steps \(30\) must not exceed max_steps \(20\)"):
+        _parsed("--max-steps", "20", "--warmup-steps", "30")
+
+
+def test_a_resumed_run_keeps_the_warmup_of_its_checkpoint(tmp_path: Path) -> None:
+    """On --resume the checkpoint's config is the base: its schedule goes on unchanged when max_steps moves."""
+    saved = merge(train_preset("demo"), {"max_steps": 400, "warmup_steps": 40})
+    ckpt = tmp_path / "step_0000010.pt"
+    save_checkpoint(torch.nn.Linear(1, 1), None, 10, ckpt, extra={"train_config": saved.to_dict()})
+    cfg = _parsed("--resume", str(ckpt), "--max-steps", "300")
+    assert (cfg.max_steps, cfg.warmup_steps) == (300, 40)
 
 
 def test_missing_data_is_one_clear_error(tmp_path: Path, capsys) -> None:
