@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.bpe import EOT
 from llm.data import read_range
 
 CHUNK = 1 << 21
@@ -237,7 +238,7 @@ def inspect(target: str | Path, args) -> dict:
     eot_id = meta.get("eot_id")
     if eot_id is None and tok is not None:
         try:
-            eot_id = tok.token_id("<|endoftext|>")
+            eot_id = tok.token_id(EOT)
         except Exception:
             eot_id = None
     report: dict = {"target": str(target), "vocab_size": int(vocab), "eot_id": eot_id, "tokenizer": str(tok_dir) if tok_dir else None, "notes": []}

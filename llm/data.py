@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm.bpe import EOT
 from llm.fileio import check_writable, replacing, temp_path, write_text
 
 try:
@@ -44,7 +45,6 @@ except ImportError:  # Windows: no advisory locks (see _dir_lock)
 if TYPE_CHECKING:
     import torch
 
-EOT = "<|endoftext|>"
 META_FORMAT = 1
 _CHUNK = 1 << 22  # tokens per chunk in full passes: bounded memory (~32 MiB as int64)
 _FULL_CHECK_MAX = 1 << 24  # open_tokens checks every id up to this many tokens, a fixed sample beyond
