@@ -1,5 +1,6 @@
-"""Generation: KV cache vs full recomputation, left-padded batches vs single prompts, streaming text (UTF-8
-split across tokens, stop strings, <|endoftext|>), beam search on the model, the REPL and the CLI."""
+"""Generation (llm.decoding, llm.repl, llm.generating): KV cache vs full recomputation, left-padded batches vs
+single prompts, streaming text (UTF-8 split across tokens, stop strings, <|endoftext|>), beam search on the
+model, the REPL and the CLI."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ import pytest
 import torch
 
 from llm.bpe_tokenizer import BpeTokenizer
-from llm.checkpoint import save_checkpoint
+from llm.checkpoint import load_model, save_checkpoint
 from llm.config import ModelConfig
-from llm.generating import (
+from llm.decoding import (
     GenerationOptions,
     TextStream,
     beam_generate,
     generate,
     generate_batch,
     iter_tokens,
-    main,
-    repl,
     stream,
 )
+from llm.generating import main
+from llm.repl import repl
 from llm.sampling import SamplingConfig
 from llm.transformer import Transformer
 
@@ -304,8 +305,6 @@ def test_cli_prints_prompt_and_completion(run_dir: Path, capsys) -> None:
 
 
 def _load(run_dir):
-    from llm.generating import load_model
-
     model, tok, _ = load_model(run_dir, device="cpu")
     return model, tok
 
