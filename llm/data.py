@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llm.bpe import EOT
 from llm import download
+from llm.bpe import EOT
 from llm.cli import Parser, add_num_workers
 from llm.fileio import check_writable, replacing, temp_path, write_text
 from llm.stories import GENERATOR_VERSION, generate_stories

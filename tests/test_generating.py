@@ -382,3 +382,14 @@ def test_cli_interactive_reads_stdin(run_dir: Path, capsys, monkeypatch) -> None
     assert "top-k 3" in out
     model_out = generate(*_load(run_dir), "hello", max_new_tokens=5, temperature=0, top_k=3)
     assert f"> {model_out}\n" in out
+
+
+def test_one_options_object_or_keywords_give_the_same_completion() -> None:
+    tok, model = byte_tokenizer(), tiny_model(ctx=64)
+    opts = GenerationOptions(max_new_tokens=6, seed=3, sampling=SamplingConfig(temperature=0.9, top_k=20))
+    assert generate(model, tok, "hello", opts) == generate(model, tok, "hello", max_new_tokens=6, seed=3,
+                                                           temperature=0.9, top_k=20)
+    with pytest.raises(TypeError, match="not both"):
+        generate(model, tok, "hello", opts, top_k=3)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        opts.replace(max_new_tokens=0)
