@@ -1,7 +1,8 @@
 """Inspect memmapped token arrays before spending compute on them.
 
+    uv run inspect_data.py                           # data/demo, the default training run's data
     uv run inspect_data.py data/demo                 # a prepared directory (train.npy, val.npy, meta.json)
-    uv run inspect_data.py data/demo/val.npy --tokenizer data/demo/tokenizer
+    uv run inspect_data.py data/demo/val.npy --tokenizer-dir data/demo/tokenizer
     uv run inspect_data.py data/demo --json          # machine-readable
 
 Reports per array: dtype, tokens, bytes on disk; ids >= vocab size (an error); vocabulary use and
@@ -18,7 +19,6 @@ and say how. Histograms go to img/ when matplotlib is installed (``uv sync --ext
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,8 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.bpe import EOT
+from llm.cli import Parser, add_tokenizer_dir
 from llm.data import read_range
+from llm.train_config import TrainConfig
 
+DEFAULT_DATA = str(Path(TrainConfig.train_data).parent)  # data/demo, what the default training run reads
 CHUNK = 1 << 21
 P_HASH = np.uint64(0x9E3779B97F4A7C15)  # odd, so it is invertible mod 2^64
 
@@ -219,9 +223,9 @@ def _resolve(target: Path, args) -> tuple[dict[str, Path], dict, Path | None]:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise InspectError(f"{meta_path}: not valid JSON ({e})") from None
-    elif args.vocab_size is None and args.tokenizer is None:
-        raise InspectError(f"{meta_path}: missing; pass --vocab-size N (and --tokenizer DIR) or run `uv run -m llm.data prepare`")
-    tok_dir = Path(args.tokenizer) if args.tokenizer else (meta_dir / meta["tokenizer_dir"] if "tokenizer_dir" in meta else None)
+    elif args.vocab_size is None and args.tokenizer_dir is None:
+        raise InspectError(f"{meta_path}: missing; pass --vocab-size N (and --tokenizer-dir DIR) or run `uv run -m llm.data prepare`")
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else (meta_dir / meta["tokenizer_dir"] if "tokenizer_dir" in meta else None)
     return arrays, meta, tok_dir
 
 
@@ -237,7 +241,7 @@ def inspect(target: str | Path, args) -> dict:
     eot_id = meta.get("eot_id")
     if eot_id is None and tok is not None:
         try:
-            eot_id = tok.token_id("<|endoftext|>")
+            eot_id = tok.token_id(EOT)
         except Exception:
             eot_id = None
     report: dict = {"target": str(target), "vocab_size": int(vocab), "eot_id": eot_id, "tokenizer": str(tok_dir) if tok_dir else None, "notes": []}
@@ -402,10 +406,21 @@ def format_report(rep: dict) -> str:
     return "\n".join(L)
 
 
+def _target(given: str | None) -> str:
+    """The target as given, or the default training run's data, which may not be prepared yet."""
+    if given is not None:
+        return given
+    if not (Path(DEFAULT_DATA) / "meta.json").is_file():
+        raise InspectError(f"no prepared data in {DEFAULT_DATA} yet: run uv run -m llm.data demo "
+                           "(or uv run -m llm.training, which prepares it) first")
+    return DEFAULT_DATA
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="inspect_data.py", description="Sanity-check memmapped token arrays.")
-    ap.add_argument("target", help="prepared directory (train.npy/val.npy/meta.json) or one .npy file")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from meta.json)")
+    ap = Parser(prog="inspect_data.py", description="Sanity-check memmapped token arrays.")
+    ap.add_argument("target", nargs="?", default=None,
+                    help=f"prepared directory (train.npy/val.npy/meta.json) or one .npy file (default {DEFAULT_DATA})")
+    add_tokenizer_dir(ap, "tokenizer directory (default: from meta.json)")
     ap.add_argument("--vocab-size", type=int, default=None, help="default: from meta.json or the tokenizer")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
     ap.add_argument("--top-k", type=int, default=15)
@@ -425,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
-        rep = inspect(args.target, args)
+        rep = inspect(_target(args.target), args)
     except (InspectError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,10 +8,10 @@ Random weights (speed does not depend on what the model learnt). Reports:
 - prefill tokens/s: the prompt in one forward pass into a fresh cache (batch 1),
 - decode tokens/s, batch 1: new tokens after the first, with the KV cache (llm.decode_step's one-token step)
   and with full recomputation (the whole window through Transformer.forward every step), and their ratio;
-  both through llm.generating.iter_tokens, so both sample alike and run under inference mode,
+  both through llm.decoding.iter_tokens, so both sample alike and run under inference mode,
 - batch-8 throughput with the cache (8 rows x new tokens / time).
 With the `demo` preset's 256-token context, 64 + 512 tokens outgrow the window: both paths slide it the same
-way (llm.generating keeps the last 3/4 and re-prefills), and the cached timings include those re-prefills.
+way (llm.decoding keeps the last 3/4 and re-prefills), and the cached timings include those re-prefills.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from llm.config import model_preset
-from llm.generating import _forward, iter_tokens
+from llm.decoding import iter_tokens, last_logits
 from llm.sampling import SamplingConfig
 from llm.transformer import Transformer
 
@@ -59,7 +59,7 @@ def time_prefill(model, prompt: torch.Tensor, device: torch.device) -> float:
     cache = model.new_kv_cache(prompt.shape[0])
     _sync(device)
     t0 = time.perf_counter()
-    _forward(model, prompt, None, cache, last_only=True)  # what generation runs: last position's logits only
+    last_logits(model, prompt, None, cache)  # what generation runs: last position's logits only
     _sync(device)
     return time.perf_counter() - t0
 

@@ -28,11 +28,11 @@ import numpy as np  # noqa: E402
 import tiktoken  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
+from llm.bpe import EOT  # noqa: E402
 from llm.bpe.pretokenize import GPT2_PATTERN  # noqa: E402
 from llm.bpe_tokenizer import BpeTokenizer, train_bpe  # noqa: E402
 from llm.data import ensure_demo_data  # noqa: E402
 
-EOT = "<|endoftext|>"
 REPO = Path(__file__).resolve().parents[1]
 GPT2_DIR = REPO / "tests" / "fixtures" / "gpt2"
 

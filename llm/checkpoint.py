@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm.bpe.tokenizer import BpeTokenizer
+from llm.config import ModelConfig
+from llm.decoding import check_compatible
 from llm.fileio import replacing
+from llm.hardware import device_from_name
+from llm.train_config import TrainConfig
+from llm.transformer import Transformer
 
 StrPath = str | os.PathLike[str]
 CORE_KEYS = ("model", "optimizer", "iteration")
@@ -545,3 +551,69 @@ def retire_checkpoints(directory: StrPath, after_step: int, *, metrics: StrPath 
     _fsync_dir(dest)
     return dest, [label for _, label in later] + ([f"{len(tail)} metrics records"] if tail else [])
 
+
+# ------------------------------------------------------------------------------ loading for generation
+
+
+def load_model(checkpoint: StrPath, *, device: str | torch.device | None = None,
+               tokenizer_dir: StrPath | None = None) -> tuple[Transformer, BpeTokenizer, Path]:
+    """(model, tokenizer, checkpoint path) from a checkpoint file or a run directory; ValueError with one
+    clear line for anything missing or inconsistent. What generation and evaluation load."""
+    src = Path(checkpoint)
+    if not src.exists():
+        raise ValueError(f"checkpoint not found: {src}")
+    try:
+        path = Path(resolve_checkpoint(src))
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else f"no checkpoint in {src}") from None
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:  # already one line naming the file
+        raise ValueError(str(e)) from None
+    except Exception as e:  # a truncated/foreign file: torch raises many types
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a model checkpoint of this project (needs 'model' and 'model_config')")
+    try:
+        cfg = ModelConfig.from_dict(dict(ckpt["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: incompatible model_config: {e}") from None
+    model = Transformer.from_config(cfg, device=device_from_name(None if device is None else str(device)))
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(dict(ckpt["model"])))
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ValueError(f"{path}: weights do not match its model_config ({first})") from None
+    model.eval()
+    tok_dir = _find_tokenizer_dir(tokenizer_dir or ckpt.get("tokenizer_dir"), path)
+    try:
+        tokenizer = BpeTokenizer.load(tok_dir)
+    except Exception as e:
+        raise ValueError(f"cannot load tokenizer from {tok_dir}: {e}") from None
+    check_compatible(model, tokenizer)
+    return model, tokenizer, path
+
+
+def checkpoint_or_default_run(checkpoint: StrPath | None) -> Path:
+    """What a command loads: `checkpoint` as given, or else the default training run (TrainConfig.out_dir,
+    runs/demo), with a one-line hint when that run has no checkpoint yet."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    run = Path(TrainConfig.out_dir)
+    try:
+        resolve_checkpoint(run)
+    except CheckpointNotFoundError:
+        raise ValueError(f"no trained model in {run} yet: run uv run -m llm.training first") from None
+    return run
+
+
+def _find_tokenizer_dir(given: StrPath | None, ckpt_path: Path) -> Path:
+    if given is None:
+        raise ValueError(f"{ckpt_path} records no tokenizer_dir; pass --tokenizer-dir DIR")
+    given = Path(given)
+    # relative paths were written relative to the project root at training time; also try the run dir
+    candidates = [given] if given.is_absolute() else [given, *(p / given for p in ckpt_path.parents)]
+    for c in candidates:
+        if (c / "vocab.json").exists():
+            return c
+    raise ValueError(f"tokenizer directory {given} not found (needs vocab.json + merges.txt); pass --tokenizer-dir DIR")

@@ -16,7 +16,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -34,7 +33,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm import download
+from llm.bpe import EOT
+from llm.cli import Parser, add_num_workers
 from llm.fileio import check_writable, replacing, temp_path, write_text
+from llm.stories import GENERATOR_VERSION, generate_stories
 
 try:
     import fcntl
@@ -44,7 +47,6 @@ except ImportError:  # Windows: no advisory locks (see _dir_lock)
 if TYPE_CHECKING:
     import torch
 
-EOT = "<|endoftext|>"
 META_FORMAT = 1
 _CHUNK = 1 << 22  # tokens per chunk in full passes: bounded memory (~32 MiB as int64)
 _FULL_CHECK_MAX = 1 << 24  # open_tokens checks every id up to this many tokens, a fixed sample beyond
@@ -548,8 +550,16 @@ def ensure_demo_data(
     the generator version changed; ``prepare`` then redoes only what depends on it. A directory holding
     prepared data that this function did not make is refused (ValueError), never overwritten.
     """
-    from llm.stories import GENERATOR_VERSION, generate_stories
+    stories = ensure_demo_stories(out_dir, size_mb=size_mb, seed=seed, quiet=quiet)
+    return prepare(stories, out_dir, vocab_size, quiet=quiet)
 
+
+def ensure_demo_stories(
+    out_dir: str | os.PathLike = "data/demo", size_mb: float = 5.0, seed: int = 0, quiet: bool = False
+) -> Path:
+    """OUT_DIR/stories.txt, the built-in story corpus, generated unless it is already there for these
+    settings (OUT_DIR/stories.json records them); the first half of ensure_demo_data, also what
+    `python -m llm.bpe_tokenizer` trains on. Refuses a directory holding data it did not make."""
     out = Path(out_dir)
     stories = out / "stories.txt"
     info_path = out / "stories.json"
@@ -570,15 +580,15 @@ def ensure_demo_data(
             stats = generate_stories(stories, size_mb=size_mb, seed=seed, progress=not quiet)
             stats["sha256"] = sha256_file(stories)
             _write_json_atomic(info_path, stats)
-    return prepare(stories, out, vocab_size, quiet=quiet)
+    return stories
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llm.data", description="Generate, prepare and download training data.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = Parser(prog="python -m llm.data", description="Generate, prepare and download training data.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="write the built-in synthetic story corpus")
     g.add_argument("--out", default="data/demo/stories.txt")
@@ -593,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     grp.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out (default 0.05)")
     grp.add_argument("--val-input", default=None, help="use this file as validation text instead of splitting")
     p.add_argument("--special-token", action="append", default=None, help=f"special token (repeatable; default {EOT})")
-    p.add_argument("--num-workers", type=int, default=None)
+    add_num_workers(p)
     p.add_argument("--force", action="store_true", help="redo every step")
 
     d = sub.add_parser("demo", help="generate + prepare the built-in corpus (idempotent)")
@@ -606,14 +616,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["download"]:
-        from llm.download import main as download_main
-
-        return download_main(argv[1:])
+        return download.main(argv[1:])
     args = ap.parse_args(argv)
     try:
         if args.cmd == "generate":
-            from llm.stories import generate_stories
-
             stats = generate_stories(args.out, size_mb=args.size_mb, seed=args.seed)
             print(json.dumps(stats, indent=2))
         elif args.cmd == "prepare":

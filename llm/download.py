@@ -12,7 +12,6 @@ server's length, sha256-checked when an expected hash is known, and renamed into
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -27,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm.cli import Parser
 from llm.fileio import NoSpaceError, replacing, space_errors, write_text
 
 HF = "https://huggingface.co"
@@ -300,7 +300,7 @@ def _with_mirror(url: str, mirror: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llm.data download", description="Download a public training corpus.")
+    ap = Parser(prog="python -m llm.data download", description="Download a public training corpus.")
     ap.add_argument("dataset", choices=sorted(DATASETS), help="tinystories: TinyStoriesV2-GPT4; owt: OpenWebText sample (CS336)")
     ap.add_argument("--out", default="data", help="parent directory; files go to OUT/DATASET/ (default data/)")
     ap.add_argument("--url", action="append", default=None, help="download this URL instead (repeatable; .gz is unpacked)")

@@ -1,5 +1,6 @@
 """Perplexity of a checkpoint on a token array or a text file, over the whole file.
 
+    uv run -m llm.evaluate                                             # runs/demo on its validation split
     uv run -m llm.evaluate --checkpoint runs/demo                      # its validation split (train_config.val_data)
     uv run -m llm.evaluate --checkpoint runs/demo --data data/demo/val.npy --stride 128 --json
     uv run -m llm.evaluate --checkpoint runs/demo --data some.txt        # tokenised on the fly
@@ -15,7 +16,6 @@ stride = context_length: disjoint windows (fastest, least context); stride = 1: 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llm.generating import _autocast, _context_length, _device, _vocab_size
-from llm.hardware import DEVICE_HELP, THREADS_HELP, device_from_name, set_threads
+from llm.checkpoint import checkpoint_or_default_run, load_model, read_checkpoint
+from llm.cli import Parser, add_device, add_tokenizer_dir
+from llm.data import open_tokens
+from llm.hardware import THREADS_HELP, device_from_name, inference_autocast, model_device, set_threads
 
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
@@ -71,10 +73,10 @@ def evaluate_tokens(
     """{"loss", "perplexity", "tokens" (scored), "windows", "context_length", "stride", "seconds", "tokens_per_s"}.
     context_length defaults to the model's, stride to context_length // 2 (None means the default; 0 is an error)."""
     model.eval()
-    device = _device(model)
-    ctx = _context_length(model) if context_length is None else context_length
-    if ctx > _context_length(model) or ctx < 1:
-        raise ValueError(f"context_length must be in [1, {_context_length(model)}] (the model's), got {ctx}")
+    device = model_device(model)
+    ctx = model.config.context_length if context_length is None else context_length
+    if ctx > model.config.context_length or ctx < 1:
+        raise ValueError(f"context_length must be in [1, {model.config.context_length}] (the model's), got {ctx}")
     stride = max(1, ctx // 2) if stride is None else stride
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -83,7 +85,7 @@ def evaluate_tokens(
         raise ValueError(f"tokens must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
     wins = windows(len(arr), ctx, stride)
     total_scored = sum(w[2] for w in wins)
-    vocab = _vocab_size(model)
+    vocab = model.config.vocab_size
     nll, scored, t0, last_print = 0.0, 0, time.perf_counter(), 0.0
     # windows of equal length share a batch (only the last one can be shorter)
     groups: list[list[tuple[int, int, int]]] = []
@@ -96,7 +98,7 @@ def evaluate_tokens(
         x = torch.from_numpy(np.stack([np.asarray(arr[b : e + 1], dtype=np.int64) for b, e, _ in group])).to(device)
         if int(x.max()) >= vocab or int(x.min()) < 0:
             raise ValueError(f"token ids must be in [0, {vocab}) for this model, found {int(x.min())}..{int(x.max())}")
-        with _autocast(device):
+        with inference_autocast(device):
             logits = model(x[:, :-1])
         lp = token_log_probs(logits, x[:, 1:])  # (b L)
         length = lp.shape[1]
@@ -124,8 +126,6 @@ def load_tokens(path: str | Path, tokenizer, vocab_size: int, max_tokens: int | 
     """A .npy token array (memmapped, validated; recognised by its magic bytes whatever the file is called)
     or a UTF-8 text file tokenised with `tokenizer`. Anything else is a ValueError with one line: scoring
     binary data as if it were text gives a perplexity that means nothing."""
-    from llm.data import open_tokens
-
     p = Path(path)
     if not p.exists():
         raise ValueError(f"data file not found: {p}")
@@ -152,27 +152,25 @@ def load_tokens(path: str | Path, tokenizer, vocab_size: int, max_tokens: int | 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llm.evaluate", description="Perplexity of a checkpoint on a token file.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p = Parser(prog="python -m llm.evaluate", description="Perplexity of a checkpoint on a token file.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file or run directory (default: runs/demo)")
     p.add_argument("--data", help=".npy token array or a text file (default: the run's validation split)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    add_tokenizer_dir(p, "tokenizer directory (default: the checkpoint's)")
     p.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: context_length // 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_device(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
     try:
-        from llm.checkpoint import read_checkpoint
-        from llm.generating import load_model
-
         set_threads(args.threads)
         device_from_name(args.device)  # an unusable device: one line before the checkpoint is read
         if args.max_tokens is not None and args.max_tokens < 2:
             raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-        model, tokenizer, path = load_model(args.checkpoint, device=args.device, tokenizer_dir=args.tokenizer)
+        model, tokenizer, path = load_model(checkpoint_or_default_run(args.checkpoint), device=args.device,
+                                            tokenizer_dir=args.tokenizer_dir)
         data = args.data
         if data is None:
             train_cfg = read_checkpoint(path).get("train_config") or {}
@@ -182,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # recorded relative to the directory training ran in: look there too (above the run dir)
             found = [c for c in (Path(data), *(q / data for q in path.parents)) if c.is_file()]
             data = str(found[0]) if found else data
-        tokens = load_tokens(data, tokenizer, _vocab_size(model), args.max_tokens)
+        tokens = load_tokens(data, tokenizer, model.config.vocab_size, args.max_tokens)
         result = evaluate_tokens(model, tokens, context_length=args.context_length, stride=args.stride,
                                  batch_size=args.batch_size, progress=True)
         result.update(checkpoint=str(path), data=str(data))

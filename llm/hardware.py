@@ -6,6 +6,7 @@ here, so we measure a large fp32 matmul once per process and use that as the pea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -83,6 +84,19 @@ def device_from_name(name: str | None) -> torch.device:
     if dev.type == "mps" and not _mps_available():
         raise ValueError(f"device {name} requested but this machine has no MPS backend (use --device cpu)")
     return dev
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights live on (inputs must go there)."""
+    return next(model.parameters()).device
+
+
+def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision of inference (generation, evaluation): bf16 autocast on CUDA, as training runs there;
+    plain fp32 elsewhere, where bf16 is slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 THREADS_HELP = "CPU threads for torch (default: torch's); 1 is faster when the machine is busy"

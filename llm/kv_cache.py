@@ -2,7 +2,7 @@
 
 Each layer's keys (after RoPE) and values are written at positions [length, length + s) of
 preallocated (b h_kv max_len d) buffers; attention then reads [0, length + s). `Transformer.forward`
-advances `length` once all layers have written.
+advances `length` once all layers have written. Beam search moves rows between steps with `reorder`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Beam search: row i of the cache becomes old row indices[i] (b_new,), so each beam keeps the keys
+        and values of the beam it extends; the batch may grow (the first step fans out from the prompt)."""
+        indices = indices.to(self.k.device)
+        self.k = self.k.index_select(1, indices)
+        self.v = self.v.index_select(1, indices)
+        self.batch = int(indices.numel())
 
     def __len__(self) -> int:
         return self.length

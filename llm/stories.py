@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llm.bpe import EOT
 from llm.fileio import check_writable, replacing
 
-EOT = "<|endoftext|>"
 # The largest corpus generate_stories writes: 10 GB (TinyStories is 2.2 GB), about 14 minutes at ~12 MB/s.
 # A synthetic demo corpus has no use beyond that, and a typo (--size-mb 1e12) must not fill the disk.
 MAX_SIZE_MB = 10_000

@@ -1,5 +1,6 @@
-"""Generation: KV cache vs full recomputation, left-padded batches vs single prompts, streaming text (UTF-8
-split across tokens, stop strings, <|endoftext|>), beam search on the model, the REPL and the CLI."""
+"""Generation (llm.decoding, llm.repl, llm.generating): KV cache vs full recomputation, left-padded batches vs
+single prompts, streaming text (UTF-8 split across tokens, stop strings, <|endoftext|>), beam search on the
+model, the REPL and the CLI."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ import pytest
 import torch
 
 from llm.bpe_tokenizer import BpeTokenizer
-from llm.checkpoint import save_checkpoint
+from llm.checkpoint import load_model, save_checkpoint
 from llm.config import ModelConfig
-from llm.generating import (
+from llm.decoding import (
     GenerationOptions,
     TextStream,
     beam_generate,
     generate,
     generate_batch,
     iter_tokens,
-    main,
-    repl,
     stream,
 )
+from llm.generating import main
+from llm.repl import repl
 from llm.sampling import SamplingConfig
 from llm.transformer import Transformer
 
@@ -304,8 +305,6 @@ def test_cli_prints_prompt_and_completion(run_dir: Path, capsys) -> None:
 
 
 def _load(run_dir):
-    from llm.generating import load_model
-
     model, tok, _ = load_model(run_dir, device="cpu")
     return model, tok
 
@@ -383,3 +382,14 @@ def test_cli_interactive_reads_stdin(run_dir: Path, capsys, monkeypatch) -> None
     assert "top-k 3" in out
     model_out = generate(*_load(run_dir), "hello", max_new_tokens=5, temperature=0, top_k=3)
     assert f"> {model_out}\n" in out
+
+
+def test_one_options_object_or_keywords_give_the_same_completion() -> None:
+    tok, model = byte_tokenizer(), tiny_model(ctx=64)
+    opts = GenerationOptions(max_new_tokens=6, seed=3, sampling=SamplingConfig(temperature=0.9, top_k=20))
+    assert generate(model, tok, "hello", opts) == generate(model, tok, "hello", max_new_tokens=6, seed=3,
+                                                           temperature=0.9, top_k=20)
+    with pytest.raises(TypeError, match="not both"):
+        generate(model, tok, "hello", opts, top_k=3)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        opts.replace(max_new_tokens=0)

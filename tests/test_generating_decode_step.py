@@ -13,7 +13,7 @@ import torch
 from kernel.torch_reference import TorchTransformer
 from llm import decode_step
 from llm.config import ModelConfig
-from llm.generating import iter_tokens
+from llm.decoding import iter_tokens
 from llm.optim import AdamW
 from llm.sampling import SamplingConfig
 from llm.transformer import Transformer

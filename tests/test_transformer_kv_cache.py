@@ -62,3 +62,17 @@ def test_cache_errors() -> None:
             model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache, attention_mask=torch.ones(1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="exceeds context_length"):
         model.new_kv_cache(1, max_len=17)
+
+
+def test_reorder_moves_cache_rows_with_their_beams() -> None:
+    """Rows reordered (and fanned out) mid-decode continue exactly as the rows they were copied from."""
+    model = Transformer(**CFG, num_kv_heads=2).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        cache = model.new_kv_cache(2)
+        model(ids[:, :6], kv_cache=cache)
+        order = torch.tensor([1, 1, 0])
+        cache.reorder(order)
+        assert cache.batch == 3 and cache.length == 6
+        got = model(ids[order, 6:], kv_cache=cache)
+    torch.testing.assert_close(got, model(ids[order]).detach()[:, 6:], rtol=1e-5, atol=1e-5)
