@@ -35,7 +35,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from llm import decode_step
+from llm.fast import decode_step
 from llm.hardware import THREADS_HELP, set_threads
 from llm.kv_cache import KVCache
 from llm.sampling import Hypothesis, SamplingConfig, beam_search, sample_next, token_counts

@@ -20,7 +20,7 @@ from llm.kv_cache import KVCache
 from llm.ops.attention import causal_attention, scaled_dot_product_attention
 from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from llm.ops.embedding import embedding
-from llm.ops.flash_attention import flash_attention
+from llm.fast.flash_attention import flash_attention
 from llm.ops.linear import linear, linears
 from llm.ops.rmsnorm import rms_norm
 from llm.ops.rope import rope, rope_rotate, rotation

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.ops.flash_attention import flash_attention
+from llm.fast.flash_attention import flash_attention
 
 
 def _inputs(b, h, hk, sq, sk, d, dv=None, dtype=torch.float64, seed=0):

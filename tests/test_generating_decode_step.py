@@ -1,4 +1,4 @@
-"""The lean one-token decode step (llm.decode_step): the same logits as the model's forward and as the
+"""The lean one-token decode step (llm.fast.decode_step): the same logits as the model's forward and as the
 torch.nn reference, inference weights that follow every kind of parameter change, and the general path
 for everything the step does not cover."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernel.torch_reference import TorchTransformer
-from llm import decode_step
+from llm.fast import decode_step
 from llm.config import ModelConfig
 from llm.generating import iter_tokens
 from llm.optim import AdamW
