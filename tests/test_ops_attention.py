@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llm.ops.attention as attention_mod
-from llm.ops.attention import causal_attention, scaled_dot_product_attention
+import llm.fast.attention as attention_mod
+from llm.fast.attention import causal_attention
+from llm.ops.attention import scaled_dot_product_attention
 from llm.transformer import MultiHeadAttention, ScaledDotProductAttention
 
 
