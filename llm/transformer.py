@@ -19,7 +19,8 @@ from llm.config import ModelConfig, default_d_ff
 from llm.kv_cache import KVCache
 from llm.fast.attention import causal_attention
 from llm.ops.attention import scaled_dot_product_attention
-from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from llm.fast.cross_entropy import linear_cross_entropy
+from llm.ops.cross_entropy import cross_entropy
 from llm.ops.embedding import embedding
 from llm.fast.flash_attention import flash_attention
 from llm.ops.linear import linear, linears

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llm.ops.cross_entropy as ce_mod
-from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+import llm.fast.cross_entropy as ce_mod
+from llm.fast.cross_entropy import linear_cross_entropy
+from llm.ops.cross_entropy import cross_entropy
 from llm.transformer import CrossEntropyLoss
 
 
