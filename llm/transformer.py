@@ -25,7 +25,8 @@ from llm.ops.embedding import embedding
 from llm.fast.flash_attention import flash_attention
 from llm.ops.linear import linear, linears
 from llm.ops.rmsnorm import rms_norm
-from llm.ops.rope import rope, rope_rotate, rotation
+from llm.fast.rope import fast_rope, layer_rotation, rope_rotate
+from llm.ops.rope import rope
 from llm.ops.softmax import softmax
 from llm.ops.swiglu import silu, swiglu
 from llm.optim import AdamW, SGDDecay, cos_lr_scheduler, gradient_clip  # re-exported: the course's names live here
@@ -258,7 +259,7 @@ class MultiHeadAttention(nn.Module):
         if inputs.rot is not None:  # no grad: the rotation e^{iθ} was built once for all layers
             q, k = rope_rotate(q, inputs.rot), rope_rotate(k, inputs.rot)
         elif inputs.cos is not None:
-            q, k = rope(q, inputs.cos, inputs.sin), rope(k, inputs.cos, inputs.sin)
+            q, k = fast_rope(q, inputs.cos, inputs.sin), fast_rope(k, inputs.cos, inputs.sin)
         if kv_cache is not None:
             kc, vc = kv_cache.update(layer_idx, k, v)
         if inputs.causal:  # training, or a prefill into an empty cache: the blocked causal kernel
@@ -320,11 +321,7 @@ def attn_inputs(
             mask = (mask & attention_mask[:, None, None, :]) | (kj == qi)
         if groups > 1:
             mask = mask.repeat(*(1,) * (mask.dim() - 2), groups, 1)
-    rot = None
-    # compiled: no complex tensors (Inductor cannot fuse them); each layer's rope() rotates in real math
-    if cos is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        rot = rotation(cos, sin, 1.0, cos.dtype if cos.dtype == torch.float64 else torch.float32)
-    return AttnInputs(cos, sin, mask, causal, rot)
+    return AttnInputs(cos, sin, mask, causal, layer_rotation(cos, sin))
 
 
 class TransformerBlock(nn.Module):
