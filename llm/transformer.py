@@ -20,10 +20,11 @@ from llm.kv_cache import KVCache
 from llm.fast.attention import causal_attention
 from llm.ops.attention import scaled_dot_product_attention
 from llm.fast.cross_entropy import linear_cross_entropy
+from llm.fast.linears import linears
 from llm.ops.cross_entropy import cross_entropy
 from llm.ops.embedding import embedding
 from llm.fast.flash_attention import flash_attention
-from llm.ops.linear import linear, linears
+from llm.ops.linear import linear
 from llm.ops.rmsnorm import rms_norm
 from llm.fast.rope import fast_rope, layer_rotation, rope_rotate
 from llm.ops.rope import rope
