@@ -132,7 +132,7 @@ def _build(model: Transformer) -> _Weights:
 def weights(model: torch.nn.Module, cache: KVCache) -> _Weights | None:
     """The inference copies of `model`'s weights for decoding into `cache` (built on the cache's first decode
     step and kept with it), or None when this step does not apply to the model."""
-    if type(model) is not Transformer:
+    if type(model) is not Transformer or model.impl != "fast":
         return None
     w = cache.decode_weights
     if w is None or w.model is not model:

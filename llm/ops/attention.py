@@ -69,9 +69,3 @@ def scaled_dot_product_attention(
     with torch.autocast(q.device.type, enabled=False):
         return AttentionFn.apply(q.to(ct), k.to(ct), v.to(ct), mask).to(dtype)
 
-
-def causal_mask(sq: int, sk: int, device: torch.device | None = None) -> torch.Tensor:
-    """(sq sk) bool, True = may attend: query t (absolute position sk − sq + t, the last sq of sk tokens)
-    sees keys 0 … its own position."""
-    q = torch.arange(sk - sq, sk, device=device)[:, None]
-    return torch.arange(sk, device=device)[None, :] <= q
