@@ -199,10 +199,10 @@ class LossModule(nn.Module):
         return self.model.loss(x, y)
 
 
-def build_model(mcfg: ModelConfig, device: torch.device) -> nn.Module:
+def build_model(mcfg: ModelConfig, device: torch.device, impl: str = "fast") -> nn.Module:
     from llm.transformer import Transformer
 
-    return Transformer.from_config(mcfg, device=device)
+    return Transformer.from_config(mcfg, device=device, impl=impl)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -542,7 +542,7 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: str | None, stop_at: int
 
     # ---- model, optimizer, precision -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg.model, device)
+    model = build_model(cfg.model, device, cfg.impl)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     start_step, best_val, elapsed_before = 0, math.inf, 0.0
@@ -1019,7 +1019,7 @@ def _main_overhead(argv: list[str]) -> int:
     for r in range(ns.repeats):
         # bare: one fixed batch already on the device; forward + backward + optimizer step, nothing else
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, device)
+        model = build_model(cfg.model, device, cfg.impl)
         opt = build_optimizer(model, cfg)
         x, y = _get_batch(train_tokens, cfg.batch_size, cfg.model.context_length, device, batch_rng(0, 0, 0))
         times = []

@@ -24,7 +24,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from llm.config import ModelConfig, default_d_ff
+from llm.config import ModelConfig, check_impl, default_d_ff
 from llm.fast.attention import causal_attention
 from llm.fast.cross_entropy import linear_cross_entropy
 from llm.fast.flash_attention import flash_attention
@@ -63,13 +63,7 @@ __all__ = [
     "softmax",
 ]
 
-IMPLS = ("fast", "reference")
 ATTN_IMPLS = ("auto", "ours", "flash", "triton")
-
-
-def check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
 
 
 class Linear(nn.Module):

@@ -11,6 +11,7 @@ import torch
 from llm.fast import decode_step
 from llm.generating import iter_tokens
 from llm.sampling import SamplingConfig
+from llm.train_config import TrainConfig
 from llm.transformer import MultiHeadAttention, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +71,10 @@ def test_impl_is_checked() -> None:
         Transformer(**CFG, impl="quick")
     with pytest.raises(ValueError, match="impl must be"):
         MultiHeadAttention(16, 4, impl="")
+    with pytest.raises(ValueError, match="impl must be"):
+        TrainConfig(impl="Reference").validate()
+    assert TrainConfig.from_dict({"impl": "reference"}).impl == "reference"
+    assert TrainConfig.from_dict({}).impl == "fast"  # configs saved before the field existed
 
 
 def test_ops_stay_plain_reference_code() -> None:
