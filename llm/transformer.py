@@ -29,7 +29,7 @@ from llm.fast.attention import causal_attention
 from llm.fast.cross_entropy import linear_cross_entropy
 from llm.fast.flash_attention import flash_attention
 from llm.fast.linears import linears
-from llm.fast.rope import fast_rope, layer_rotation, rope_rotate
+from llm.fast.rope import layer_rotation, rope_rotate
 from llm.kv_cache import KVCache
 from llm.ops.attention import scaled_dot_product_attention
 from llm.ops.cross_entropy import cross_entropy
@@ -241,11 +241,10 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (rearrange(t, "b s (h d) -> b h s d", d=self.head_dim) for t in (q, k, v))
-        if inputs.rot is not None:  # fast inference: the rotation e^{iθ} was built once for all layers
+        if inputs.rot is not None:  # fast: the rotation e^{iθ} was built once for all layers
             return rope_rotate(q, inputs.rot), rope_rotate(k, inputs.rot), v
-        if inputs.cos is not None:
-            rotate = fast_rope if self.impl == "fast" else rope
-            q, k = rotate(q, inputs.cos, inputs.sin), rotate(k, inputs.cos, inputs.sin)
+        if inputs.cos is not None:  # the reference (or fast, compiled: see llm.fast.rope)
+            q, k = rope(q, inputs.cos, inputs.sin), rope(k, inputs.cos, inputs.sin)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttnInputs) -> torch.Tensor:
@@ -310,7 +309,7 @@ class AttnInputs(NamedTuple):
     sin: torch.Tensor | None
     mask: torch.Tensor | None  # bool, True = may attend, (rows total) or (b 1 rows total); None = attend to all
     causal: bool  # impl="fast", no cache offset and no padding: a causal kernel over the new tokens, no mask
-    rot: torch.Tensor | None = None  # impl="fast" without grad: complex e^{iθ} from cos/sin, shared by all layers
+    rot: torch.Tensor | None = None  # impl="fast" (not compiled): complex e^{iθ} from cos/sin, shared by all layers
 
 
 def attn_inputs(
