@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from llm.fast import decode_step
 from llm.generating import iter_tokens
 from llm.sampling import SamplingConfig
-from llm.train_config import TrainConfig
+from llm.train_config import TrainConfig, merge, train_preset
+from llm.training import main, train
 from llm.transformer import MultiHeadAttention, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,3 +88,24 @@ def test_ops_stay_plain_reference_code() -> None:
         assert len(text.splitlines()) <= 130, f"{f.name}: {len(text.splitlines())} lines"
         for word in ("torch.library", "custom_op", "is_compiling"):
             assert word not in text, f"{f.name} contains {word}"
+
+
+def test_training_runs_the_chosen_implementation(tmp_path: Path, capsys) -> None:
+    """--impl reaches the model; both implementations train to the same losses from the same seed."""
+    tokens = (np.arange(3000) * 7 % 48).astype(np.uint16)
+    np.save(tmp_path / "train.npy", tokens)
+    np.save(tmp_path / "val.npy", tokens[:600])
+    losses = {}
+    for impl in ("fast", "reference"):
+        cfg = merge(train_preset("demo"), dict(
+            train_data=str(tmp_path / "train.npy"), val_data=str(tmp_path / "val.npy"), out_dir=str(tmp_path / impl),
+            prepare_demo_data=False, max_steps=3, batch_size=2, warmup_steps=1, eval_interval=3, eval_batches=1,
+            log_interval=1, checkpoint_interval=0, threads=1, sample_tokens=0, impl=impl,
+            model={**CFG, "context_length": 8},
+        ))
+        losses[impl] = train(cfg, quiet=True).losses
+    assert losses["fast"].keys() == losses["reference"].keys() == {1, 2, 3}
+    for step, loss in losses["fast"].items():
+        assert loss == pytest.approx(losses["reference"][step], rel=1e-4)
+    assert main(["--impl", "faster", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "impl must be 'fast' or 'reference', got 'faster'" in capsys.readouterr().err
