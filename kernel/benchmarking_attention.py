@@ -5,8 +5,8 @@
 
 Implementations (q, k, v `b h s d`, causal):
 - ours:        llm.transformer.scaled_dot_product_attention with an (s s) bool mask (materialises P, saves it)
-- ours_causal: llm.ops.attention.causal_attention, the model's training path (recomputes P in backward)
-- flash:       llm.ops.flash_attention.flash_attention, FlashAttention-2 tiled in PyTorch
+- ours_causal: llm.fast.attention.causal_attention, the model's training path (recomputes P in backward)
+- flash:       llm.fast.flash_attention.flash_attention, FlashAttention-2 tiled in PyTorch
 - flash_triton: llm/fast/flash_attention_triton.py (CUDA only; the CPU interpreter is for tests, not timing)
 - naive:       softmax(mask(q kᵀ/√d)) v in torch ops, autograd through everything (the textbook version)
 - sdpa:        F.scaled_dot_product_attention(is_causal=True), the reference the ratios are against
@@ -66,7 +66,7 @@ def get_impl(name: str, device: torch.device) -> Callable[[torch.Tensor, torch.T
     if name == "naive":
         return naive_attention
     if name == "flash":
-        from llm.ops.flash_attention import flash_attention
+        from llm.fast.flash_attention import flash_attention
 
         return lambda q, k, v: flash_attention(q, k, v, True)
     if name == "ours":
@@ -83,7 +83,7 @@ def get_impl(name: str, device: torch.device) -> Callable[[torch.Tensor, torch.T
 
         return ours
     if name == "ours_causal":
-        from llm.ops.attention import causal_attention
+        from llm.fast.attention import causal_attention
 
         return causal_attention
     if name == "flash_triton":

@@ -6,7 +6,7 @@
 
 Random weights (speed does not depend on what the model learnt). Reports:
 - prefill tokens/s: the prompt in one forward pass into a fresh cache (batch 1),
-- decode tokens/s, batch 1: new tokens after the first, with the KV cache (llm.decode_step's one-token step)
+- decode tokens/s, batch 1: new tokens after the first, with the KV cache (llm.fast.decode_step's one-token step)
   and with full recomputation (the whole window through Transformer.forward every step), and their ratio;
   both through llm.decoding.iter_tokens, so both sample alike and run under inference mode,
 - batch-8 throughput with the cache (8 rows x new tokens / time).

@@ -1,19 +1,23 @@
 """Benchmark our hand-written Transformer: forward, forward+backward and a full AdamW training step.
 
     uv run kernel/benchmarking_model.py --preset tiny --compare torch          # ours vs torch.nn, same run
+    uv run kernel/benchmarking_model.py --preset tiny --compare torch --impl both   # + the reference model
     uv run kernel/benchmarking_model.py --preset small --device cuda --dtype bfloat16 --memory --profile
     uv run kernel/benchmarking_model.py --sweep --compare torch --batch-size 4  # sizes x contexts -> kernel/results/
 
 Phases (each timed with the device synchronised around it; `--warmup` untimed then `--steps` timed):
 - forward: logits for a batch, no autograd (what generation and evaluation run);
 - fwd+bwd: `zero_grad(set_to_none)`, loss, backward. Ours uses `model.loss(x, y)` (lm_head fused with
-  the cross-entropy, never materialising the logits); the reference uses `F.cross_entropy(logits, y)`;
-- step: fwd+bwd + optimizer step (ours: llm.optim.AdamW; reference: torch.optim.AdamW).
+  the cross-entropy, never materialising the logits); the torch.nn model uses `F.cross_entropy(logits, y)`;
+- step: fwd+bwd + optimizer step (ours: llm.optim.AdamW; torch.nn: torch.optim.AdamW).
+`--impl` picks our model's implementation: "fast" (named `ours`), "reference" (only the llm/ops
+Functions, named `reference`; its loss is lm_head then cross-entropy, unfused) or both.
 `--compare torch` builds `kernel/torch_reference.TorchTransformer` (torch.nn + F.* + torch.optim.AdamW)
-with the SAME weights and data, and interleaves the two models iteration by iteration (alternating
-which goes first), reporting speed = t_ref / t_ours as the median of the paired iterations (> 1: ours
-is faster). FLOPs: `ModelConfig.flops_per_token` (matmul FLOPs, 3x forward for training; the optimizer
-is not counted); MFU = achieved / `llm.hardware.peak_flops` (GPU data sheets; CPU: a measured matmul).
+with the SAME weights and data, and interleaves the models iteration by iteration (alternating
+which goes first), reporting speed = t_torch / t_ours as the median of the paired iterations (> 1: ours
+is faster), likewise for the reference model and, with both, ours over the reference.
+FLOPs: `ModelConfig.flops_per_token` (matmul FLOPs, 3x forward for training; the optimizer is not
+counted); MFU = achieved / `llm.hardware.peak_flops` (GPU data sheets; CPU: a measured matmul).
 """
 
 from __future__ import annotations
@@ -100,12 +104,18 @@ class Runner:
         self.fns = {"forward": forward, "fwd+bwd": fwd_bwd, "step": step}
 
 
-def build_ours(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn_impl: str, compile: bool) -> Runner:
+RUNNER_NAMES = {"fast": "ours", "reference": "reference"}  # our model's implementations, as the results name them
+
+
+def build_ours(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn_impl: str, compile: bool,
+               impl: str = "fast", weights: dict | None = None) -> Runner:
     from llm.optim import AdamW
     from llm.transformer import Transformer
 
-    model = Transformer.from_config(cfg, attn_impl=attn_impl, device=device)
-    return Runner("ours", model, AdamW(model.parameters(), lr=1e-4), device, dtype, compile)
+    model = Transformer.from_config(cfg, attn_impl=attn_impl, device=device, impl=impl)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return Runner(RUNNER_NAMES[impl], model, AdamW(model.parameters(), lr=1e-4), device, dtype, compile)
 
 
 def build_reference(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, compile: bool, weights: dict | None) -> Runner:
@@ -119,7 +129,11 @@ def build_reference(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, 
 
 def build_runners(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Runner]:
     torch.manual_seed(args.seed)
-    runners = [build_ours(cfg, device, dtype, args.attn_impl, args.compile)]
+    impls = ["fast", "reference"] if args.impl == "both" else [args.impl]
+    runners: list[Runner] = []
+    for impl in impls:  # the same weights for all
+        weights = runners[0].model.state_dict() if runners else None
+        runners.append(build_ours(cfg, device, dtype, args.attn_impl, args.compile, impl, weights))
     if args.compare == "torch":
         runners.append(build_reference(cfg, device, dtype, args.compile, runners[0].model.state_dict()))
     return runners
@@ -149,8 +163,9 @@ def summarize_phase(cfg: ModelConfig, phase: str, times: dict[str, list[float]],
         achieved = flops / s["median_s"]
         s.update(tokens_per_s=tokens / s["median_s"], tflops=achieved / 1e12, mfu=achieved / peak if peak == peak else float("nan"))
         out["impls"][name] = s
-    if "ours" in times and "torch" in times:
-        out["speed_ours_over_torch"] = paired_speed_ratio(times["ours"], times["torch"])
+    for name, base in (("ours", "torch"), ("reference", "torch"), ("ours", "reference")):
+        if name in times and base in times:
+            out[f"speed_{name}_over_{base}"] = paired_speed_ratio(times[name], times[base])
     return out
 
 
@@ -241,13 +256,15 @@ def profile(runners: list[Runner], phase: str, x: torch.Tensor, y: torch.Tensor,
         summary[r.name]["_total_ms"] = total / steps / 1e3
         summary[r.name]["_trace"] = str(trace)
     if len(summary) > 1:
-        cats = sorted({c for s in summary.values() for c in s if not c.startswith("_")}, key=lambda c: -summary["ours"].get(c, 0.0))
+        first = runners[0].name
+        cats = sorted({c for s in summary.values() for c in s if not c.startswith("_")}, key=lambda c: -summary[first].get(c, 0.0))
         print(f"\n## where the time goes, {phase}: self time per iteration (ms)")
         print("| category | " + " | ".join(summary) + " |")
         print("|---|" + "---:|" * len(summary))
         for c in cats + ["_total_ms"]:
             print(f"| {c.strip('_')} | " + " | ".join(f"{s.get(c, 0.0):.1f}" for s in summary.values()) + " |")
-        print(gemm_ceiling(summary["ours"], summary["torch"]))
+        if "torch" in summary:
+            print(gemm_ceiling(summary[first], summary["torch"]))
     return summary
 
 
@@ -279,11 +296,13 @@ def format_run(result: dict) -> str:
                 f"| {ph['phase']} | {name} | {s['mean_s'] * 1e3:.1f} ± {s['std_s'] * 1e3:.1f} | {s['median_s'] * 1e3:.1f} | "
                 f"{s['tokens_per_s']:,.0f} | {s['tflops']:.3f} | {s['mfu'] * 100:.1f}% |"
             )
-    ratios = [(ph["phase"], ph["speed_ours_over_torch"]) for ph in result["phases"] if "speed_ours_over_torch" in ph]
-    if ratios:
-        lines.append("")
-        lines.append("speed ours/torch (median of paired t_torch/t_ours; > 1 = ours faster): " + ", ".join(f"{p} {r:.2f}x" for p, r in ratios))
-    return "\n".join(lines)
+    lines.append("")
+    for key in ("speed_ours_over_torch", "speed_reference_over_torch", "speed_ours_over_reference"):
+        ratios = [(ph["phase"], ph[key]) for ph in result["phases"] if key in ph]
+        if ratios:
+            a, b = key.removeprefix("speed_").split("_over_")
+            lines.append(f"speed {a}/{b} (median of paired t_{b}/t_{a}; > 1 = {a} faster): " + ", ".join(f"{p} {r:.2f}x" for p, r in ratios))
+    return "\n".join(lines).rstrip()
 
 
 def run_once(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, peak: float, tag: str) -> dict:
@@ -293,10 +312,12 @@ def run_once(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, d
     result: dict = {"config": cfg.to_dict(), "batch_size": args.batch_size, "tokens_per_batch": tokens, "phases": []}
     if len(runners) > 1:
         result["loss_check"] = losses = correctness_check(runners, x, y)
-        rel = abs(losses["ours"] - losses["torch"]) / max(abs(losses["torch"]), 1e-12)
+        first = runners[0].name
         tol = 1e-4 if dtype == torch.float32 else 2e-2
-        if not rel <= tol:
-            raise ValueError(f"ours and torch disagree on the loss with the same weights: {losses} (rel {rel:.2e})")
+        for name, loss in losses.items():
+            rel = abs(loss - losses[first]) / max(abs(losses[first]), 1e-12)
+            if not rel <= tol:
+                raise ValueError(f"{first} and {name} disagree on the loss with the same weights: {losses} (rel {rel:.2e})")
     for phase in args.phases:
         progress(f"[{tag}] timing {phase}: {args.warmup} warmup + {args.steps} steps x {len(runners)} impl(s)")
         times = measure(runners, phase, x, y, args.warmup, args.steps)
@@ -466,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed iterations per phase")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     p.add_argument("--compare", choices=["none", "torch"], default="none", help="also run the torch.nn reference, interleaved")
-    p.add_argument("--attn-impl", default="auto", help="our model's attention: auto | ours | flash")
+    p.add_argument("--impl", choices=["fast", "reference", "both"], default="fast",
+                   help="our model's implementation: fast (llm/fast, 'ours'), reference (only llm/ops) or both, interleaved")
+    p.add_argument("--attn-impl", default="auto", help="the fast model's causal attention: auto | ours | flash | triton")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="bfloat16 = autocast, fp32 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (30-40 s per model on CPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -528,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         info = machine_info(device)
         print(f"# {info}  dtype={args.dtype} compile={args.compile} peak={peak / 1e12:.3f} TFLOP/s ({peak_src})")
         if args.sweep:
+            if args.impl != "fast":
+                raise ValueError("--sweep measures the fast model only; drop --impl")
             if args.sweep_sizes is None:
                 args.sweep_sizes = ",".join(MODEL_PRESETS) if device.type == "cuda" else "demo,tiny,tinystories,small"
             if args.max_seconds is None:
@@ -547,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_once(cfg, args, device, dtype, peak, args.preset)
         result.update(machine=info, dtype=args.dtype, compile=args.compile, peak_flops=peak, peak_source=peak_src)
         if "loss_check" in result:
-            print(f"# same weights, same batch: loss ours {result['loss_check']['ours']:.6f}, torch {result['loss_check']['torch']:.6f}")
+            print("# same weights, same batch: loss " + ", ".join(f"{k} {v:.6f}" for k, v in result["loss_check"].items()))
         print(format_run(result))
         if "memory" in result:
             cpu = device.type == "cpu"

@@ -34,7 +34,7 @@ def bare_step_seconds(cfg: TrainConfig, device: torch.device, steps: int) -> flo
     forward + backward over grad_accum micro-batches + optimizer step, nothing else."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, device)
+    model = build_model(cfg.model, device, cfg.impl)
     opt = build_optimizer(model, cfg)
     tokens = open_tokens(cfg.train_data, vocab_size=cfg.model.vocab_size)
     x, y = get_batch(tokens, cfg.batch_size, cfg.model.context_length, device, rng=batch_rng(0, 0, 0))

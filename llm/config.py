@@ -6,6 +6,15 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 
+# How `llm.transformer.Transformer` computes the model: "fast" (llm/fast) or "reference" (only llm/ops).
+IMPLS = ("fast", "reference")
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+
+
 def default_d_ff(d_model: int) -> int:
     """SwiGLU hidden size: about 8/3 * d_model, rounded up to a multiple of 64."""
     return 64 * math.ceil(8 * d_model / 3 / 64)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llm import decode_step
+from llm.fast import decode_step
 from llm.bpe import EOT
 from llm.hardware import inference_autocast, model_device
 from llm.kv_cache import KVCache

@@ -28,6 +28,9 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.num_layers, self.batch, self.max_len = num_layers, batch, max_len
         self.length = 0
+        # the merged inference weights llm.fast.decode_step builds on the first decode step into this
+        # cache: they live as long as the cache (one generation call)
+        self.decode_weights = None
 
     def check_room(self, batch: int, new: int) -> None:
         if batch != self.batch:

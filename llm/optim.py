@@ -12,11 +12,12 @@ Four small pieces the training loop uses every step:
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from llm.fast.optimizer import Optimizer  # torch.optim.Optimizer without its 4 s first-call torch._dynamo import
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 CPU_CHUNK = 1 << 20  # elements per chunk of the CPU update: 4 MiB per fp32 tensor, ~20 MiB in flight (L3-sized)
@@ -29,13 +30,6 @@ def _check_range(name: str, value: float, low: float, high: float = math.inf, *,
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
 
 
-def _undecorated(name: str) -> Callable[..., Any]:
-    """torch.optim.Optimizer's method `name` without its @torch._disable_dynamo wrapper, whose first call
-    imports torch._dynamo (4+ s of start-up for every process that builds an optimizer)."""
-    method = getattr(torch.optim.Optimizer, name)
-    return getattr(method, "__wrapped__", method)
-
-
 def _evaluate_closure(closure: Callable[[], float] | None) -> float | None:
     """The Optimizer.step contract: re-evaluate the loss (with grad enabled) when a closure is given."""
     if closure is None:
@@ -43,29 +37,8 @@ def _evaluate_closure(closure: Callable[[], float] | None) -> float | None:
     with torch.enable_grad():
         return closure()
 
-class _Optimizer(torch.optim.Optimizer):
-    """The base class, minus the torch._dynamo import. When dynamo is already loaded (torch.compile in use)
-    the decorated methods run unchanged, so compiled code still sees them as it expects."""
 
-    def _call(self, name: str, *args: Any) -> Any:
-        if "torch._dynamo" in sys.modules:
-            return getattr(super(), name)(*args)
-        return _undecorated(name)(self, *args)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._call("add_param_group", param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._call("zero_grad", set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._call("state_dict")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._call("load_state_dict", state_dict)
-
-
-class AdamW(_Optimizer):
+class AdamW(Optimizer):
     """Adam with decoupled weight decay.
 
     For each parameter θ with gradient g at step t = 1, 2, ... (per group: lr α, betas β1 β2, eps ε, decay λ):
@@ -188,7 +161,7 @@ class AdamW(_Optimizer):
         torch._foreach_addcdiv_(params, ms, denoms, step_sizes)
 
 
-class SGDDecay(_Optimizer):
+class SGDDecay(Optimizer):
     """SGD with a 1/√(t+1) step-size decay: θ ← θ − lr / √(t + 1) · g, with t = 0, 1, 2, ... per parameter.
 
     State per parameter: "t" (int), the number of steps taken so far.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from llm.config import MODEL_PRESETS, ModelConfig, model_preset
+from llm.config import MODEL_PRESETS, ModelConfig, check_impl, model_preset
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = _help("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = _help("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
     compile: bool = _help(False, "torch.compile the model")
+    impl: str = _help("fast", "fast (llm/fast kernels) | reference (only the plain llm/ops Functions): same model, same checkpoints")
     threads: int | None = _help(None, "torch CPU threads per process; None: cores / processes on this node")
     peak_flops: float | None = _help(None, "device peak FLOP/s for MFU; None: data sheet (GPU) or measured (CPU)")
     # the sample printed at the end
@@ -100,6 +101,7 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_impl(self.impl)
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.peak_flops is not None and not self.peak_flops > 0:

@@ -132,8 +132,8 @@ class LossModule(nn.Module):
         return self.model.loss(x, y)
 
 
-def build_model(mcfg: ModelConfig, device: torch.device) -> nn.Module:
-    return Transformer.from_config(mcfg, device=device)
+def build_model(mcfg: ModelConfig, device: torch.device, impl: str = "fast") -> nn.Module:
+    return Transformer.from_config(mcfg, device=device, impl=impl)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -212,7 +212,7 @@ def build_training_state(cfg: TrainConfig, device: torch.device, dtype: torch.dt
                          ) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler, Start]:
     """Model, optimizer and gradient scaler, initialised from cfg.seed or restored (with every RNG) from `ckpt`."""
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg.model, device)
+    model = build_model(cfg.model, device, cfg.impl)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if ckpt is None:

@@ -291,7 +291,7 @@ def _main_train(argv: list[str]) -> int:
 
 
 def _load_trained(cfg: TrainConfig, checkpoint: Path) -> nn.Module:
-    model = build_model(cfg.model, resolve_device(cfg))
+    model = build_model(cfg.model, resolve_device(cfg), cfg.impl)
     model.load_state_dict(read_checkpoint(checkpoint)["model"])
     return model
 

@@ -1,8 +1,16 @@
-"""A decoder-only Transformer language model built from the hand-written autograd ops in `llm.ops`.
+"""A decoder-only Transformer language model built from hand-written autograd ops.
 
 Pre-norm blocks (x + attn(ln1(x)), then + ffn(ln2(x))), RoPE, SwiGLU, RMSNorm, optional grouped-query
 attention and weight tying. Module and parameter names follow the CS336 layout, so its state dicts load
 with `load_state_dict`.
+
+`impl` chooses how the same function is computed (the same parameters and state dict either way):
+- "reference": only the `llm.ops` Functions, the plain readable model: one Linear per projection, RoPE in
+  real arithmetic, attention through `scaled_dot_product_attention` with a causal mask, the loss as lm_head
+  then `cross_entropy`.
+- "fast" (default): the `llm.fast` variants, each tested against its reference op: q/k/v and w1/w3 as
+  shared-input linears, RoPE as a complex multiply, a blocked causal attention kernel (or FlashAttention-2,
+  see `attn_impl`), lm_head fused with the loss; generation uses `llm.fast.decode_step`.
 """
 
 from __future__ import annotations
@@ -13,17 +21,22 @@ import math
 from typing import NamedTuple
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
-from llm.config import ModelConfig, default_d_ff
+from llm.config import ModelConfig, check_impl, default_d_ff
+from llm.fast.attention import causal_attention
+from llm.fast.cross_entropy import linear_cross_entropy
+from llm.fast.flash_attention import flash_attention
+from llm.fast.linears import linears
+from llm.fast.rope import layer_rotation, rope_rotate
 from llm.kv_cache import KVCache
-from llm.ops.attention import causal_attention, scaled_dot_product_attention
-from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from llm.ops.attention import scaled_dot_product_attention
+from llm.ops.cross_entropy import cross_entropy
 from llm.ops.embedding import embedding
-from llm.ops.flash_attention import flash_attention
-from llm.ops.linear import linear, linears
+from llm.ops.linear import linear
 from llm.ops.rmsnorm import rms_norm
-from llm.ops.rope import rope, rope_rotate, rotation
+from llm.ops.rope import rope
 from llm.ops.softmax import softmax
 from llm.ops.swiglu import silu, swiglu
 from llm.optim import AdamW, SGDDecay, cos_lr_scheduler, gradient_clip  # re-exported: the course's names live here
@@ -125,16 +138,20 @@ class CrossEntropyLoss(nn.Module):
 class FFN(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) ⊙ w3 x)."""
 
-    def __init__(self, d_model: int, d_ff: int | None = None, device=None, dtype=None) -> None:
+    def __init__(self, d_model: int, d_ff: int | None = None, device=None, dtype=None, impl: str = "fast") -> None:
         super().__init__()
+        check_impl(impl)
         d_ff = d_ff or default_d_ff(d_model)
+        self.impl = impl
         self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
         self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # w1 and w3 read the same x: one Function, whose backward accumulates dx in one buffer
-        a, b = linears(x, self.w1.weight, self.w3.weight)
+        if self.impl == "fast":  # w1 and w3 read the same x: one Function, whose backward accumulates dx in one buffer
+            a, b = linears(x, self.w1.weight, self.w3.weight)
+        else:
+            a, b = self.w1(x), self.w3(x)
         return self.w2(swiglu(a, b))
 
 
@@ -192,6 +209,7 @@ class MultiHeadAttention(nn.Module):
         device=None,
         dtype=None,
         attn_impl: str = "auto",
+        impl: str = "fast",
     ) -> None:
         super().__init__()
         if num_heads <= 0 or d_model % num_heads:
@@ -201,9 +219,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        check_impl(impl)
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
-        self.attn_impl = attn_impl
+        self.attn_impl, self.impl = attn_impl, impl
         kv_dim = self.head_dim * num_kv_heads
         self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
         self.k_proj = Linear(d_model, kv_dim, device=device, dtype=dtype)
@@ -215,8 +234,36 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("RoPE (theta given) needs max_seq_len")
             self.rope = RoPE(theta, self.head_dim, max_seq_len, device=device)
 
+    def _qkv(self, x: torch.Tensor, inputs: AttnInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (b h s d), k and v (b h_kv s d), with RoPE applied to q and k."""
+        if self.impl == "fast":  # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer
+            q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (rearrange(t, "b s (h d) -> b h s d", d=self.head_dim) for t in (q, k, v))
+        if inputs.rot is not None:  # fast: the rotation e^{iθ} was built once for all layers
+            return rope_rotate(q, inputs.rot), rope_rotate(k, inputs.rot), v
+        if inputs.cos is not None:  # the reference (or fast, compiled: see llm.fast.rope)
+            q, k = rope(q, inputs.cos, inputs.sin), rope(k, inputs.cos, inputs.sin)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttnInputs) -> torch.Tensor:
+        """Attention output (b h s d) for q (b h s d) against k, v (b h_kv t d)."""
+        g = self.num_heads // self.num_kv_heads
+        if self.impl == "reference":  # every query head against a copy of its K/V head, masked
+            k, v = (repeat(t, "b hk t d -> b (hk g) t d", g=g) for t in (k, v))
+            return scaled_dot_product_attention(q, k, v, inputs.mask)
+        if inputs.causal:  # training, or a prefill into an empty cache: a causal kernel
+            if g > 1:
+                k, v = (t.repeat_interleave(g, dim=1) for t in (k, v))
+            return self._attend_causal(q, k, v)
+        # GQA without copying K/V: the g query heads of one K/V head become g·s query rows, so
+        # scores are (b h_kv g·s total) against the un-expanded keys (mask rows repeated to match)
+        o = scaled_dot_product_attention(rearrange(q, "b (hk g) s d -> b hk (g s) d", g=g), k, v, inputs.mask)
+        return rearrange(o, "b hk (g s) d -> b (hk g) s d", g=g)
+
     def _attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Training path: (b h s d) causal attention with K/V heads already expanded.
+        """impl="fast" training path: (b h s d) causal attention with K/V heads already expanded.
         `attn_impl`: "ours" the blocked Function (fast on CPU), "flash" FlashAttention-2 in PyTorch,
         "triton" FlashAttention-2 as Triton kernels; "auto" = triton on CUDA (flash where Triton is
         missing), ours elsewhere. A Python loop of small launches is slow on a GPU; one kernel is not."""
@@ -243,34 +290,16 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         """`inputs`: RoPE tables and mask precomputed by `Transformer.hidden` (the same for every layer);
         None = compute them here from token_positions / kv_cache / attention_mask."""
-        b, s, _ = x.shape
-        h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
         if inputs is None:
             offset = kv_cache.length if kv_cache is not None else 0
-            inputs = attn_inputs(self.rope, h // hkv, s, token_positions, offset, attention_mask, x.device)
-        # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer
-        q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        q = q.view(b, s, h, dh).transpose(1, 2)
-        k = k.view(b, s, hkv, dh).transpose(1, 2)
-        v = v.view(b, s, hkv, dh).transpose(1, 2)
-        if inputs.rot is not None:  # no grad: the rotation e^{iθ} was built once for all layers
-            q, k = rope_rotate(q, inputs.rot), rope_rotate(k, inputs.rot)
-        elif inputs.cos is not None:
-            q, k = rope(q, inputs.cos, inputs.sin), rope(k, inputs.cos, inputs.sin)
+            inputs = attn_inputs(self, x.shape[1], token_positions, offset, attention_mask, x.device)
+        q, k, v = self._qkv(x, inputs)
         if kv_cache is not None:
             kc, vc = kv_cache.update(layer_idx, k, v)
-        if inputs.causal:  # training, or a prefill into an empty cache: the blocked causal kernel
-            if hkv != h:
-                k, v = (t.repeat_interleave(h // hkv, dim=1) for t in (k, v))
-            o = self._attend_causal(q, k, v)
-        else:
-            if kv_cache is not None:
+            if not inputs.causal:  # causal: a prefill into an empty cache, whose new keys are all there is
                 k, v = kc, vc
-            # GQA without copying K/V: the g query heads of one K/V head become g·s query rows, so
-            # scores are (b h_kv g·s total) against the un-expanded keys (mask rows repeated to match)
-            g = h // hkv
-            o = scaled_dot_product_attention(q.reshape(b, hkv, g * s, dh), k, v, inputs.mask).view(b, h, s, dh)
-        return self.output_proj(o.transpose(1, 2).reshape(b, s, self.d_model))
+        o = self._attend(q, k, v, inputs)
+        return self.output_proj(rearrange(o, "b h s d -> b s (h d)"))
 
 
 class AttnInputs(NamedTuple):
@@ -278,23 +307,24 @@ class AttnInputs(NamedTuple):
 
     cos: torch.Tensor | None  # RoPE tables (s d/2) or (b 1 s d/2); None = no RoPE
     sin: torch.Tensor | None
-    mask: torch.Tensor | None  # bool, True = may attend, (g·s total) or (b 1 g·s total); None = attend to all
-    causal: bool  # no cache offset and no padding: plain causal attention over the new tokens
-    rot: torch.Tensor | None = None  # no grad: complex e^{iθ} from cos/sin, shared by all layers
+    mask: torch.Tensor | None  # bool, True = may attend, (rows total) or (b 1 rows total); None = attend to all
+    causal: bool  # impl="fast", no cache offset and no padding: a causal kernel over the new tokens, no mask
+    rot: torch.Tensor | None = None  # impl="fast" (not compiled): complex e^{iθ} from cos/sin, shared by all layers
 
 
 def attn_inputs(
-    rope_mod: RoPE | None,
-    groups: int,
+    attn: MultiHeadAttention,
     s: int,
     token_positions: torch.Tensor | None,
     offset: int,
     attention_mask: torch.Tensor | None,
     device: torch.device,
 ) -> AttnInputs:
-    """RoPE tables and attention mask for s new tokens after `offset` cached ones; `groups` = query heads
-    per K/V head (the mask rows are repeated that many times, see MultiHeadAttention.forward)."""
+    """RoPE tables and attention mask for s new tokens after `offset` cached ones, for `attn`'s layout.
+    The mask has s rows (the reference), or g·s (fast: the g query heads of a K/V head as one block of rows,
+    see MultiHeadAttention._attend)."""
     cos = sin = None
+    rope_mod = attn.rope
     if rope_mod is not None:
         if token_positions is None:
             if offset + s > rope_mod.max_seq_len:
@@ -304,7 +334,8 @@ def attn_inputs(
             cos, sin = rope_mod.tables(token_positions, s)
             if cos.dim() == 3:  # per-row positions (b s half): broadcast over heads
                 cos, sin = cos[:, None], sin[:, None]
-    causal = offset == 0 and attention_mask is None
+    fast = attn.impl == "fast"
+    causal = fast and offset == 0 and attention_mask is None
     mask = None
     # one new query and no padding attends to every cached key: no mask at all (the decode step)
     if not causal and (attention_mask is not None or s > 1):
@@ -316,13 +347,10 @@ def attn_inputs(
             # padded keys are hidden; each query still sees itself so a padding row is not all
             # −inf (its output is garbage that nothing real attends to)
             mask = (mask & attention_mask[:, None, None, :]) | (kj == qi)
-        if groups > 1:
+        groups = attn.num_heads // attn.num_kv_heads
+        if fast and groups > 1:
             mask = mask.repeat(*(1,) * (mask.dim() - 2), groups, 1)
-    rot = None
-    # compiled: no complex tensors (Inductor cannot fuse them); each layer's rope() rotates in real math
-    if cos is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        rot = rotation(cos, sin, 1.0, cos.dtype if cos.dtype == torch.float64 else torch.float32)
-    return AttnInputs(cos, sin, mask, causal, rot)
+    return AttnInputs(cos, sin, mask, causal, layer_rotation(cos, sin) if fast else None)
 
 
 class TransformerBlock(nn.Module):
@@ -339,14 +367,16 @@ class TransformerBlock(nn.Module):
         device=None,
         dtype=None,
         attn_impl: str = "auto",
+        impl: str = "fast",
     ) -> None:
         super().__init__()
         self.ln1 = RmsNorm(d_model, device=device, dtype=dtype)
         self.attn = MultiHeadAttention(
-            d_model, num_heads, max_seq_len, theta, num_kv_heads, device=device, dtype=dtype, attn_impl=attn_impl
+            d_model, num_heads, max_seq_len, theta, num_kv_heads, device=device, dtype=dtype, attn_impl=attn_impl,
+            impl=impl,
         )
         self.ln2 = RmsNorm(d_model, device=device, dtype=dtype)
-        self.ffn = FFN(d_model, d_ff, device=device, dtype=dtype)
+        self.ffn = FFN(d_model, d_ff, device=device, dtype=dtype, impl=impl)
 
     def forward(
         self,
@@ -367,7 +397,9 @@ def _check_int(name: str, t: torch.Tensor) -> None:
 
 
 class Transformer(nn.Module):
-    """Token embeddings → num_layers TransformerBlocks → ln_final → lm_head (unnormalised logits)."""
+    """Token embeddings → num_layers TransformerBlocks → ln_final → lm_head (unnormalised logits).
+    `impl`: "fast" or "reference" (see the module docstring); `attn_impl`: which fast causal attention
+    kernel (MultiHeadAttention._attend_causal), unused by the reference."""
 
     def __init__(
         self,
@@ -383,8 +415,11 @@ class Transformer(nn.Module):
         attn_impl: str = "auto",
         device=None,
         dtype=None,
+        impl: str = "fast",
     ) -> None:
         super().__init__()
+        check_impl(impl)
+        self.impl = impl
         self.config = ModelConfig(
             vocab_size=vocab_size,
             context_length=context_length,
@@ -402,7 +437,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(
                 d_model, num_heads, cfg.d_ff, context_length, rope_theta, num_kv_heads,
-                device=device, dtype=dtype, attn_impl=attn_impl,
+                device=device, dtype=dtype, attn_impl=attn_impl, impl=impl,
             )
             for _ in range(num_layers)
         )
@@ -464,10 +499,8 @@ class Transformer(nn.Module):
         x = self.token_embeddings(token_ids)
         inputs = None
         if len(self.layers):  # RoPE tables and mask once per forward, not once per layer
-            attn = self.layers[0].attn
             offset = kv_cache.length if kv_cache is not None else 0
-            groups = attn.num_heads // attn.num_kv_heads
-            inputs = attn_inputs(attn.rope, groups, s, token_positions, offset, attention_mask, x.device)
+            inputs = attn_inputs(self.layers[0].attn, s, token_positions, offset, attention_mask, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, token_positions, kv_cache, i, attention_mask, inputs)
         if kv_cache is not None:
@@ -482,14 +515,17 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (b s vocab) for token_ids (b s)."""
-        return linear(self.hidden(token_ids, token_positions, kv_cache, attention_mask), self.lm_head.weight)
+        return self.lm_head(self.hidden(token_ids, token_positions, kv_cache, attention_mask))
 
     def loss(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of next-token predictions; equals cross_entropy(forward(x), targets) but
-        fuses lm_head with the loss so the (b s vocab) logits are never held in memory at once."""
+        """Mean cross-entropy of next-token predictions, cross_entropy(forward(x), targets); impl="fast" fuses
+        lm_head with the loss so the (b s vocab) logits are never held in memory at once."""
         _check_int("targets", targets)
         if targets.shape != token_ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal token_ids shape {tuple(token_ids.shape)}")
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.vocab_size):
             raise ValueError(f"targets must be in [0, {self.vocab_size})")
-        return linear_cross_entropy(self.hidden(token_ids), self.lm_head.weight, targets)
+        h = self.hidden(token_ids)
+        if self.impl == "fast":
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        return cross_entropy(self.lm_head(h), targets)

@@ -1,4 +1,5 @@
-"""FlashAttention-2 (plain PyTorch) against F.scaled_dot_product_attention: values, gradients, snapshots."""
+"""FlashAttention-2 (plain PyTorch) against F.scaled_dot_product_attention and the reference op
+(llm.ops.attention): values, gradients, snapshots."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.ops.flash_attention import flash_attention
+from llm.fast.flash_attention import flash_attention
+from llm.ops.attention import scaled_dot_product_attention
 
 
 def _inputs(b, h, hk, sq, sk, d, dv=None, dtype=torch.float64, seed=0):
@@ -52,6 +54,21 @@ def test_matches_sdpa_values_and_grads_float64(shape, is_causal) -> None:
     q, k, v, do = _inputs(b, h, hk, sq, sk, d, dv)
     ref = _reference(q, k, v, do, is_causal)
     ours = _ours(q, k, v, do, is_causal, block_q=8, block_k=16)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s[:6])))
+def test_matches_the_reference_op(shape) -> None:
+    """Against llm.ops' masked attention with K/V heads repeated and the bottom-right causal mask."""
+    b, h, hk, sq, sk, d, dv = shape
+    q, k, v, do = _inputs(b, h, hk, sq, sk, d, dv)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    g = h // hk
+    mask = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    o = scaled_dot_product_attention(qr, kr.repeat_interleave(g, 1), vr.repeat_interleave(g, 1), mask)
+    ref = dict(zip(("o", "dq", "dk", "dv"), (o.detach(), *torch.autograd.grad(o, (qr, kr, vr), do))))
+    ours = _ours(q, k, v, do, True, block_q=8, block_k=16)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-10, atol=1e-10, msg=name)
 

@@ -99,7 +99,7 @@ def test_snapshot_against_float64_reference(fa, ref_snapshot) -> None:
 def test_agrees_with_the_pytorch_flash_attention(fa) -> None:
     """Same algorithm, two implementations, different tile shapes: bit-level agreement is not expected,
     fp32 agreement is (TF32 agreement on a GPU)."""
-    from llm.ops.flash_attention import flash_attention
+    from llm.fast.flash_attention import flash_attention
 
     q, k, v, do = _inputs(1, 2, 2, 40, 40, 16, seed=2)
     q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))

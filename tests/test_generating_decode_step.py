@@ -1,4 +1,4 @@
-"""The lean one-token decode step (llm.decode_step): the same logits as the model's forward and as the
+"""The lean one-token decode step (llm.fast.decode_step): the same logits as the model's forward and as the
 torch.nn reference, inference weights that follow every kind of parameter change, and the general path
 for everything the step does not cover."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernel.torch_reference import TorchTransformer
-from llm import decode_step
+from llm.fast import decode_step
 from llm.config import ModelConfig
 from llm.decoding import iter_tokens
 from llm.optim import AdamW
@@ -77,12 +77,13 @@ def test_inference_weights_follow_parameter_changes() -> None:
     check()
     cache = model.new_kv_cache(1)
     first = decode_step.weights(model, cache)
-    assert decode_step.weights(model, cache) is first  # unchanged parameters: the copies are reused
+    assert decode_step.weights(model, cache) is first  # built once per cache
     opt = AdamW(model.parameters(), lr=1e-2)  # training continues: in-place updates of every parameter
     for _ in range(2):
         opt.zero_grad()
         model.loss(ids[:, :-1], ids[:, 1:]).backward()
         opt.step()
+    decode_step.invalidate(cache)  # a caller that keeps a cache across a weight change says so
     assert decode_step.weights(model, cache) is not first
     check()
     model.load_state_dict(Transformer(**CFG, num_kv_heads=2).state_dict())  # copy_ into the parameters
@@ -122,18 +123,26 @@ def test_generation_takes_the_fast_step_only_where_it_applies(monkeypatch) -> No
 
 def test_inference_copies_live_only_as_long_as_their_cache(monkeypatch) -> None:
     """A model sampled from during training must not keep a second copy of its weights in between."""
-    monkeypatch.setattr(decode_step, "_WEIGHTS", weakref.WeakKeyDictionary())  # only this test's entries
+    built = []
+    build = decode_step._build
+
+    def tracked(model: Transformer):
+        w = build(model)
+        built.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(decode_step, "_build", tracked)
     model = Transformer(**CFG).eval()
     list(iter_tokens(model, [[1, 2, 3]], SamplingConfig(temperature=0), max_new_tokens=6))
     gc.collect()
-    assert len(decode_step._WEIGHTS) == 0
+    assert len(built) == 1 and built[0]() is None  # built once for the generation, gone with its cache
     cache = model.new_kv_cache(1)
     w = decode_step.weights(model, cache)
     other = Transformer(**CFG).eval()  # the same cache used with another model gets that model's copies
     assert decode_step.weights(other, cache) is not w and decode_step.weights(other, cache).model is other
-    del cache
+    del cache, w
     gc.collect()
-    assert len(decode_step._WEIGHTS) == 0
+    assert all(ref() is None for ref in built)
 
 
 def test_decode_step_errors() -> None:

@@ -31,6 +31,19 @@ def test_benchmarking_model_compare_memory_profile(tmp_path, capsys) -> None:
     assert "speed ours/torch" in printed and "where the time goes" in printed and "Ceiling ours/torch" in printed
 
 
+def test_benchmarking_model_reports_the_reference_model_too(tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    assert benchmarking_model.main(TINY + ["--impl", "both", "--compare", "torch", "--phases", "fwd+bwd", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (phase,) = res["phases"]
+    assert set(phase["impls"]) == {"ours", "reference", "torch"}
+    assert all(phase[f"speed_{k}"] > 0 for k in ("ours_over_torch", "reference_over_torch", "ours_over_reference"))
+    assert abs(res["loss_check"]["reference"] - res["loss_check"]["ours"]) < 1e-5
+    assert "speed ours/reference" in capsys.readouterr().out
+    assert benchmarking_model.main(TINY + ["--impl", "reference", "--phases", "forward"]) == 0
+    assert benchmarking_model.main(TINY + ["--impl", "reference", "--sweep"]) == 2  # the sweep measures the fast model
+
+
 def test_gemm_ceiling_is_torch_total_over_our_gemm_time() -> None:
     gemm = benchmarking_model.GEMM
     ours = {gemm: 800.0, "batched matmul": 50.0, "_total_ms": 900.0}

@@ -1,13 +1,14 @@
-"""Attention: gradcheck of the general (masked) and the chunked causal Function (P kept from the forward
-and P recomputed), of the custom ops that torch.compile calls, and forward/grads against
-F.scaled_dot_product_attention through torch autograd."""
+"""Attention: gradcheck of the general (masked) reference and the fast chunked causal Function (P kept from
+the forward and P recomputed), of the custom ops that torch.compile calls, forward/grads against
+F.scaled_dot_product_attention through torch autograd, and the fast causal path against the reference op."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import llm.ops.attention as attention_mod
-from llm.ops.attention import causal_attention, scaled_dot_product_attention
+import llm.fast.attention as attention_mod
+from llm.fast.attention import causal_attention
+from llm.ops.attention import scaled_dot_product_attention
 from llm.transformer import MultiHeadAttention, ScaledDotProductAttention
 
 
@@ -54,6 +55,19 @@ def test_compiled_path_custom_ops(monkeypatch, save_p) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same code: bit-identical
     q3, k3, v3 = (t.detach().reshape(4, 7, 4).float().requires_grad_() for t in (q, k, v))
     torch.library.opcheck(attention_mod._causal_op, (q3, k3, v3, bool(save_p)))
+
+
+@pytest.mark.parametrize("save_p", [0, 1 << 20], ids=["recompute_p", "keep_p"])
+def test_causal_matches_the_reference_op(monkeypatch, save_p) -> None:
+    monkeypatch.setattr(attention_mod, "CHUNK_ELEMS", 3 * 4 * 11)
+    monkeypatch.setattr(attention_mod, "QUERY_BLOCK", 4)  # 11 queries: blocks of 4, 4, 3
+    monkeypatch.setattr(attention_mod, "SAVE_P_BYTES", save_p)
+    q, k, v = (torch.randn(2, 3, 11, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, 3, 11, 8, dtype=torch.float64)
+    mask = torch.ones(11, 11, dtype=torch.bool).tril()
+    ref = _grads(lambda q, k, v: scaled_dot_product_attention(q, k, v, mask), q, k, v, do)
+    for a, b in zip(_grads(causal_attention, q, k, v, do), ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _grads(fn, q, k, v, do):

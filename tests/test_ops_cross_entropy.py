@@ -1,12 +1,14 @@
-"""Cross-entropy (plain and fused with the output projection): gradcheck, and loss/grads against
-F.cross_entropy through torch autograd."""
+"""Cross-entropy (the reference, and the fast one fused with the output projection): gradcheck, loss/grads
+against F.cross_entropy through torch autograd, and the fused loops against the reference ops."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import llm.ops.cross_entropy as ce_mod
-from llm.ops.cross_entropy import cross_entropy, linear_cross_entropy
+import llm.fast.cross_entropy as ce_mod
+from llm.fast.cross_entropy import linear_cross_entropy
+from llm.ops.cross_entropy import cross_entropy
+from llm.ops.linear import linear
 from llm.transformer import CrossEntropyLoss
 
 
@@ -98,6 +100,29 @@ def test_mixed_precision_loop_matches_float64(monkeypatch) -> None:
     (2.5 * out).backward()
     torch.testing.assert_close(hg.grad, 2.5 * dh)
     torch.testing.assert_close(wg.grad, 2.5 * dw)
+
+
+def test_fused_loops_match_the_reference_ops(monkeypatch) -> None:
+    """Both chunk loops against cross_entropy(linear(h, W), t): fp32 in float64, mixed precision (bf16 GEMMs)
+    on the bf16-rounded h and W with a bf16 tolerance."""
+    monkeypatch.setattr(ce_mod, "FUSED_CHUNK", 4)
+    monkeypatch.setattr(ce_mod, "LOWP_CHUNK_ELEMS", 4 * 30)
+    h = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 12, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 30, (2, 7))
+    ref = cross_entropy(linear(h, w), t)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    fused = linear_cross_entropy(h, w, t)
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, (h, w)), ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    hb, wb = (x.detach().bfloat16().double().requires_grad_() for x in (h, w))
+    ref = cross_entropy(linear(hb, wb), t)
+    h2, w2 = hb.detach().float().reshape(14, 12), wb.detach().float()
+    loss, dh, dw = ce_mod._linear_cross_entropy_lowp(h2, w2, t.reshape(-1), True, torch.bfloat16)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-3, atol=1e-3)
+    for ours, want in zip((dh.view(2, 7, 12), dw), torch.autograd.grad(ref, (hb, wb))):
+        torch.testing.assert_close(ours.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 def test_errors() -> None:

@@ -1,10 +1,12 @@
-"""Linear: gradcheck, and forward/grads against F.linear through torch autograd."""
+"""Linear (and the fast shared-input linears): gradcheck, and forward/grads against F.linear through torch
+autograd and against the reference op."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.ops.linear import linear, linears
+from llm.fast.linears import linears
+from llm.ops.linear import linear
 from llm.transformer import Linear
 
 
@@ -46,6 +48,18 @@ def test_shared_input_linears_match_f_linear(ref_snapshot) -> None:
         torch.testing.assert_close(y, stored[f"y{i}"], rtol=1e-5, atol=1e-5)
     for i, g in enumerate(grads):  # d0 = dx (summed over the three branches), then dW_i
         torch.testing.assert_close(g, stored[f"d{i}"], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_input_linears_match_the_reference_op() -> None:
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(n, 16, dtype=torch.float64, requires_grad=True) for n in (8, 4)]
+    dys = [torch.randn(2, 7, n, dtype=torch.float64) for n in (8, 4)]
+    ref = [linear(x, w) for w in ws]
+    fast = linears(x, *ws)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fast, (x, *ws), dys), torch.autograd.grad(ref, (x, *ws), dys)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_module_init() -> None:

@@ -1,8 +1,10 @@
-"""RoPE: gradcheck, and forward/grads against an independent float64 rotation of adjacent pairs."""
+"""RoPE: gradcheck, and forward/grads against an independent float64 rotation of adjacent pairs; the fast
+(complex, and real when compiling) rotation against the reference op."""
 
 import pytest
 import torch
 
+from llm.fast.rope import fast_rope, layer_rotation
 from llm.ops.rope import rope
 from llm.transformer import RoPE
 
@@ -27,24 +29,28 @@ def test_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda x: rope(x, ang.cos(), ang.sin()), (x,))
 
 
-def test_compiled_path_real_arithmetic(monkeypatch) -> None:
-    """Under torch.compile RoPE rotates in real arithmetic (Inductor has no complex codegen): the same
-    values and gradients as the complex path, checked in eager by pretending to compile."""
-    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    ang = torch.rand(5, 3, dtype=torch.float64) * 6
+def test_fast_rope_matches_the_reference(monkeypatch) -> None:
+    """The complex multiply (and, when compiling, the reference itself, checked in eager by pretending to
+    compile): the values and gradients of llm.ops.rope, with x broadcast against wider tables."""
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    ang = torch.rand(2, 1, 5, 3, dtype=torch.float64) * 6
     dy = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     y = rope(x, ang.cos(), ang.sin())
     (dx,) = torch.autograd.grad(y, (x,), dy)
-    with monkeypatch.context() as m:
-        m.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert torch.autograd.gradcheck(lambda x: rope(x, ang.cos(), ang.sin()), (x,))
-        y_c = rope(x, ang.cos(), ang.sin())
-        (dx_c,) = torch.autograd.grad(y_c, (x,), dy)
-        with torch.no_grad():
-            y_ng = rope(x, ang.cos(), ang.sin())
-    for a in (y_c, y_ng):
-        torch.testing.assert_close(a, y, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dx_c, dx, rtol=1e-12, atol=1e-12)
+    for compiling in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_compiling", lambda: compiling)
+            assert torch.autograd.gradcheck(lambda x: fast_rope(x, ang.cos(), ang.sin()), (x,))
+            y_f = fast_rope(x, ang.cos(), ang.sin())
+            (dx_f,) = torch.autograd.grad(y_f, (x,), dy)
+            with torch.no_grad():
+                y_ng = fast_rope(x, ang.cos(), ang.sin())
+            assert (layer_rotation(ang.cos(), ang.sin()) is None) == compiling
+        for a in (y_f, y_ng):
+            torch.testing.assert_close(a, y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dx_f, dx, rtol=1e-12, atol=1e-12)
+    xb = x.detach().bfloat16()  # bf16 in, fp32 rotation, bf16 out
+    torch.testing.assert_close(fast_rope(xb, ang.cos(), ang.sin()), rope(xb, ang.cos(), ang.sin()), rtol=1e-2, atol=1e-2)
 
 
 def test_matches_reference(ref_snapshot) -> None:

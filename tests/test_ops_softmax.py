@@ -1,9 +1,11 @@
-"""Softmax: gradcheck, forward/grads against F.softmax, stability for huge logits."""
+"""Softmax: gradcheck, forward/grads against F.softmax, stability for huge logits; the fast in-place
+softmax helper against the reference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llm.fast.softmax import exp_rows_
 from llm.ops.softmax import softmax
 from llm.transformer import Softmax
 
@@ -37,3 +39,11 @@ def test_stable_for_large_logits() -> None:
     y = Softmax(-1)(x)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, F.softmax(x.double(), -1).float())
+
+
+def test_fast_exp_rows_matches_the_reference() -> None:
+    x = 30 * torch.randn(4, 5, 9, dtype=torch.float64)
+    e = x.clone()
+    m, l = exp_rows_(e)
+    torch.testing.assert_close(e / l, softmax(x, -1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m + l.log(), torch.logsumexp(x, -1, keepdim=True), rtol=1e-12, atol=1e-12)

@@ -1,6 +1,6 @@
 """FlashAttention-2 as Triton kernels (forward; backward split into D, dK/dV and dQ kernels).
 
-The same algorithm as `llm/ops/flash_attention.py` (read its docstring for the math); here every
+The same algorithm as `llm/fast/flash_attention.py` (read its docstring for the math); here every
 (query block, head) is one Triton program instead of one Python loop iteration.
 
 Shapes (einops): q `b h sq d`, k, v `b hk sk d`, `h % hk == 0` (GQA native: head `i` reads kv head
@@ -296,7 +296,7 @@ def flash_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> Tensor:
-    """Same contract as `llm.ops.flash_attention.flash_attention` (q `b h sq d`, k/v `b hk sk d`, GQA native,
+    """Same contract as `llm.fast.flash_attention.flash_attention` (q `b h sq d`, k/v `b hk sk d`, GQA native,
     bottom-right causal), computed by Triton kernels. Needs CUDA tensors, or TRITON_INTERPRET=1 for CPU.
     `num_warps` / `num_stages`: Triton launch options for all four kernels (None: Triton's defaults);
     `kernel/tune_flash_triton.py` times the combinations on a GPU."""

@@ -29,6 +29,9 @@ entirely above the diagonal are skipped in both passes; only tiles that straddle
 
 Memory: O(b·h·(sq + sk)·d) instead of O(b·h·sq·sk). Tiles are (block_q·g) x block_k, g = h // hk,
 because the g query heads that share a key/value head are processed together (one K/V read for all).
+
+A memory variant of `llm.ops.attention` (tested against it), kept readable: the algorithm that
+`flash_attention_triton` runs as kernels, one loop iteration here per Triton program there.
 """
 
 from __future__ import annotations

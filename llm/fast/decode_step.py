@@ -17,30 +17,32 @@ dispatch of a few µs), which cost more than the arithmetic. This path computes 
                 x = x + (silu(a) ⊙ b) W_2ᵀ                    one addmm
     logits = x · rstd(x) W_headᵀ                             W_head = W_lm diag(g_final)
 
-The merged weights are inference copies (stored transposed, (in out): the faster GEMV layout), made on the
-first decode step into a KV cache, remade whenever a parameter changes (in-place optimizer step,
-load_state_dict, `.to()`, or a new Parameter object), so decoding from a model that keeps training stays
-correct, and dropped with the cache at the end of the generation (~10 ms for `demo`, once per call). While
-they live they cost about one more copy of the non-embedding weights; models above `MAX_BYTES` of weights
-take the general path instead (there the matmuls dominate and the per-op overhead saved here hardly matters).
+The merged weights are inference copies (stored transposed, (in out): the faster GEMV layout), built on the
+first decode step into a KV cache and kept on it (`KVCache.decode_weights`) for the rest of its life: one
+generation call, during which the model's weights do not change, so a model that keeps training between
+generations is sampled from its current weights. `invalidate(cache)` drops them early, for a caller that
+changes the weights while keeping a cache. Building takes ~10 ms for `demo`; while they live they cost about
+one more copy of the non-embedding weights; models above `MAX_BYTES` of weights take the general path
+instead (there the matmuls dominate and the per-op overhead saved here hardly matters).
 
 Folding the gains and the scale into the weights changes only rounding (float64: equal to the torch.nn
 reference to 1e-10; float32: to the training path to 1e-5, tests/test_generating_decode_step.py).
-Only the plain case: one new token per row, no padding mask, fp32/fp64 weights, no autograd. Everything
-else (prefill, left-padded batches, bf16 models, subclasses) goes through `Transformer.forward`. On CUDA the
-step runs in the weights' dtype, not under bf16 autocast: at batch 1 it is bound by reading the weights, and
-autocast would re-cast every fp32 matrix on every call.
+Only the plain case: a `Transformer` with impl="fast", one new token per row, no padding mask, fp32/fp64
+weights, no autograd. Everything else (prefill, left-padded batches, bf16 models, subclasses, the reference
+model) goes through `Transformer.forward`. On CUDA the step runs in the weights' dtype, not under bf16
+autocast: at batch 1 it is bound by reading the weights, and autocast would re-cast every fp32 matrix on
+every call.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from llm.fast.softmax import exp_rows_
 from llm.kv_cache import KVCache
 from llm.transformer import Transformer
 
@@ -60,9 +62,6 @@ class _Layer:
 @dataclass
 class _Weights:
     model: Transformer  # the model the copies were made from
-    slots: list[tuple[dict, str]]  # where each source parameter lives: (its module's _parameters, name)
-    sources: list[Tensor]  # the parameters the copies were made from (held, so identity stays meaningful)
-    versions: list[tuple[int, int]]  # (data_ptr, _version) of each source when copied
     supported: bool  # False: the model is not the plain case (dtype, size, layout): use the general path
     embedding: Tensor | None = None
     layers: list[_Layer] | None = None
@@ -72,32 +71,6 @@ class _Weights:
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
-
-    def current(self, model: Transformer) -> bool:
-        """Same model, same parameter objects, same storage, no in-place change since the copies were made."""
-        if model is not self.model:
-            return False
-        for (params, name), src, (ptr, ver) in zip(self.slots, self.sources, self.versions):
-            p = params[name]
-            if p is not src or p._version != ver or p.data_ptr() != ptr:
-                return False
-        return True
-
-
-# Copies live as long as the KV cache they serve (one generation call), not as long as the model: a model
-# that is sampled from now and then during training does not carry a second copy of its weights between.
-_WEIGHTS: weakref.WeakKeyDictionary[KVCache, _Weights] = weakref.WeakKeyDictionary()
-
-
-def _slots(model: Transformer) -> list[tuple[dict, str]]:
-    """Every parameter the decode step reads, in a fixed order, as (module._parameters, name): a dict
-    lookup per step instead of nn.Module.__getattr__ chains."""
-    mods = [model.token_embeddings]
-    for layer in model.layers:
-        a, f = layer.attn, layer.ffn
-        mods += [layer.ln1, a.q_proj, a.k_proj, a.v_proj, a.output_proj, layer.ln2, f.w1, f.w3, f.w2]
-    mods += [model.ln_final, model.lm_head]
-    return [(m._parameters, "weight") for m in mods]
 
 
 def _supported(model: Transformer) -> bool:
@@ -127,14 +100,12 @@ def _stack_t(mats: list[Tensor], gain: Tensor | None = None, scales: list[float]
 @torch.inference_mode(False)  # ordinary tensors even when first called under inference mode:
 @torch.no_grad()  # they may be read in any mode while the cache lives
 def _build(model: Transformer) -> _Weights:
-    slots = _slots(model)
-    sources = [params[name] for params, name in slots]
-    w = _Weights(model, slots, sources, [(p.data_ptr(), p._version) for p in sources], _supported(model))
+    w = _Weights(model, _supported(model))
     if not w.supported:
         return w
     attn0 = model.layers[0].attn
     c = 1.0 / math.sqrt(attn0.head_dim)
-    dtype, device = sources[0].dtype, sources[0].device
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
 
     def eps(norm: torch.nn.Module) -> Tensor:
         return torch.tensor([norm.eps], dtype=dtype, device=device)
@@ -159,15 +130,19 @@ def _build(model: Transformer) -> _Weights:
 
 
 def weights(model: torch.nn.Module, cache: KVCache) -> _Weights | None:
-    """The inference copies of `model`'s weights for decoding into `cache` (made on the cache's first
-    decode step, remade if any parameter changed since, dropped with the cache), or None when this step
-    does not apply to the model."""
-    if type(model) is not Transformer:
+    """The inference copies of `model`'s weights for decoding into `cache` (built on the cache's first decode
+    step and kept with it), or None when this step does not apply to the model."""
+    if type(model) is not Transformer or model.impl != "fast":
         return None
-    w = _WEIGHTS.get(cache)
-    if w is None or not w.current(model):
-        w = _WEIGHTS[cache] = _build(model)
+    w = cache.decode_weights
+    if w is None or w.model is not model:
+        w = cache.decode_weights = _build(model)
     return w if w.supported else None
+
+
+def invalidate(cache: KVCache) -> None:
+    """Drop the copies kept with `cache`: the next decode step rebuilds them from the model's weights."""
+    cache.decode_weights = None
 
 
 def _rstd(x: Tensor, eps: Tensor) -> Tensor:
@@ -208,8 +183,8 @@ def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
         torch.mul(z[:, h : h + hkv], rot, out=k_new[i])
         v_new[i].copy_(qkv[:, (h + hkv) * dh :].view(b, hkv, dh))
         s = torch.bmm(q, keys_t[i])  # (b·h_kv g t), scale folded into W_q
-        s.sub_(s.amax(-1, keepdim=True)).exp_()
-        o = torch.bmm(s, values[i]).div_(s.sum(-1, keepdim=True))  # normalise (g d_head), not (g t)
+        _, l = exp_rows_(s)
+        o = torch.bmm(s, values[i]).div_(l)  # normalise (g d_head), not (g t)
         x = torch.addmm(x, o.view(b, d), lw.w_o)
         ab = torch.mm(x * _rstd(x, lw.eps2), lw.w_13)
         a, gate = ab.chunk(2, dim=-1)
