@@ -36,11 +36,12 @@ from torch import nn
 
 from llm.bpe_tokenizer import BpeTokenizer
 from llm.checkpoint import read_checkpoint
+from llm.cli import Parser
 from llm.config import ModelConfig
 from llm.data import open_tokens, token_counts
 from llm.data import unigram_entropy as entropy_of_counts
+from llm.decoding import generate
 from llm.fileio import check_writable
-from llm.generating import generate
 from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
@@ -141,14 +142,8 @@ def _optional(t: type) -> Callable[[str], Any]:
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2 (argparse's default prints usage too)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m llm.training",
         description="Train the decoder-only LM. Subcommand: `plot RUN_DIR`. Config precedence: preset < --config "
         "TOML < flags. The loop overhead benchmark is `uv run kernel/benchmarking_overhead.py`.",
@@ -297,7 +292,7 @@ def _load_trained(cfg: TrainConfig, checkpoint: Path) -> nn.Module:
 
 
 def _main_plot(argv: list[str]) -> int:
-    p = _Parser(prog="python -m llm.training plot", description="Write loss.png and lr.png from RUN_DIR/metrics.jsonl.")
+    p = Parser(prog="python -m llm.training plot", description="Write loss.png and lr.png from RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dir")
     p.add_argument("--img-dir", default=None, help="also write the plots here (e.g. img)")
     ns = p.parse_args(argv)
