@@ -40,7 +40,7 @@ from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
-from llm.fileio import check_writable, replacing, temp_path, write_text
+from llm.fileio import check_writable, replacing, write_text
 from llm.stories import GENERATOR_VERSION, generate_stories
 
 try:
@@ -210,11 +210,6 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
                 h.update(block)
         _cache[key] = h.hexdigest()
     return _cache[key]
-
-
-def _tmp_path(final: Path) -> Path:
-    """A fresh temp name next to ``final`` (same filesystem, so os.replace is atomic)."""
-    return temp_path(final)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
