@@ -27,6 +27,7 @@ from operator import add
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
 from llm.bpe.pretokenize import pretokenize, special_splitter
+from llm.hardware import usable_cores
 
 # bytes -> str with code point 255-b: string order of the result is the reverse of byte order
 _INVERT = bytes(range(255, -1, -1))
@@ -36,13 +37,6 @@ _SENTINEL = "\u0100"  # larger than any inverted byte: a proper prefix sorts *af
 def _desc_key(token: bytes) -> str:
     """String whose ascending order is the descending order of `token` (bytes order)."""
     return token.translate(_INVERT).decode("latin-1") + _SENTINEL
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def check_workers(num_workers: int | None) -> None:
@@ -82,7 +76,7 @@ def count_pretokens(
     path = os.fspath(input_path)
     size = os.path.getsize(path)
     if num_workers is None:
-        num_workers = min(default_workers(), 1 + size // (1 << 20))  # tiny files: no process start-up
+        num_workers = min(usable_cores(), 1 + size // (1 << 20))  # tiny files: no process start-up
     num_tasks = max(num_workers, -(-size // (32 << 20)))  # ~32 MB tasks so progress can be shown
     bounds = chunk_boundaries(path, num_tasks, special_tokens)
     tasks = [(path, a, b, tuple(special_tokens)) for a, b in zip(bounds, bounds[1:])]
