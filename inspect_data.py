@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from llm.bpe import EOT
+from llm.bpe_tokenizer import BpeTokenizer
 from llm.cli import Parser, add_tokenizer_dir
-from llm.data import read_range
+from llm.data import open_tokens, read_range, unigram_entropy
 from llm.train_config import TrainConfig
 
 DEFAULT_DATA = str(Path(TrainConfig.train_data).parent)  # data/demo, what the default training run reads
@@ -197,8 +198,6 @@ def _load_tokenizer(tok_dir: Path | None):
     if not tok_dir.is_dir():
         return None, f"tokenizer directory {tok_dir} not found"
     try:
-        from llm.bpe_tokenizer import BpeTokenizer
-
         return BpeTokenizer.load(str(tok_dir)), None
     except Exception as e:  # report without decoded tokens rather than fail
         return None, f"cannot load tokenizer {tok_dir}: {e}"
@@ -230,20 +229,13 @@ def _resolve(target: Path, args) -> tuple[dict[str, Path], dict, Path | None]:
 
 
 def inspect(target: str | Path, args) -> dict:
-    from llm.data import open_tokens, unigram_entropy
-
     t0 = time.perf_counter()
     arrays, meta, tok_dir = _resolve(Path(target), args)
     tok, tok_note = _load_tokenizer(tok_dir)
     vocab = args.vocab_size or meta.get("vocab_size") or (tok.vocab_size if tok else None)
     if vocab is None:
         raise InspectError("unknown vocabulary size: pass --vocab-size N")
-    eot_id = meta.get("eot_id")
-    if eot_id is None and tok is not None:
-        try:
-            eot_id = tok.token_id(EOT)
-        except Exception:
-            eot_id = None
+    eot_id = _eot_id(meta, tok)
     report: dict = {"target": str(target), "vocab_size": int(vocab), "eot_id": eot_id, "tokenizer": str(tok_dir) if tok_dir else None, "notes": []}
     if tok_note:
         report["notes"].append(tok_note)
@@ -254,58 +246,91 @@ def inspect(target: str | Path, args) -> dict:
         arr = open_tokens(path)  # structure only: out-of-vocab ids are counted below, not raised
         opened[split] = arr
         st = token_stats(arr, vocab, eot_id, args.max_scan)
-        counts = st.pop("counts")
-        total = int(counts.sum())
-        k = max(1, math.ceil(vocab / 100))
-        top_sorted = np.sort(counts)[::-1]
-        order = np.argsort(counts)[::-1][: args.top_k]
-        r = {
-            "path": str(path),
-            "dtype": str(arr.dtype),
-            "tokens": int(len(arr)),
-            "bytes_on_disk": path.stat().st_size,
-            "stats": "exact (full pass)" if st["exact"] else f"sampled ({st['scanned_tokens'] / len(arr):.1%} of tokens in {CHUNK:,}-token blocks)",
-            "max_id": st["max_id"],
-            "ids_over_vocab": st["ids_over_vocab"],
-            "vocab_used": int((counts > 0).sum()),
-            "unigram_entropy_nats": unigram_entropy(counts) if total else None,
-            "top1pct_ids": k,
-            "top1pct_share": float(top_sorted[:k].sum() / total) if total else None,
-            "top_tokens": [
-                {"id": int(i), "share": float(counts[i] / total), "text": (tok.decode([int(i)]) if tok else None)} for i in order if counts[i] > 0
-            ],
-        }
-        if eot_id is not None:
-            r["eot_count"] = st["eot_count"]
-            r["eot_share"] = st["eot_count"] / total if total else 0.0
-            dl = st.get("doc_lengths")
-            if dl is not None and len(dl):
-                r["documents"] = {
-                    "count": int(len(dl)),
-                    "min": int(dl.min()),
-                    "median": float(np.median(dl)),
-                    "p99": float(np.percentile(dl, 99)),
-                    "max": int(dl.max()),
-                    "mean": float(dl.mean()),
-                }
-                r["documents"]["unterminated_tail_tokens"] = st["tail_tokens"]
-                r["_doc_lengths"] = dl
-        r["sampler"] = sampler_stats(arr, args.batch_size, args.context_length, args.batches, eot_id)
-        r["_counts"] = counts
-        report[split] = r
-        # Warnings and errors.
-        if st["ids_over_vocab"] or st["min_id"] < 0:
-            errors.append(f"{split}: {st['ids_over_vocab']:,} ids exceed vocab (max id {st['max_id']} >= {vocab})")
-        if r["vocab_used"] < 0.5 * vocab and (split == "train" or len(arrays) == 1):  # a small val cannot cover it
-            warnings.append(f"{split}: vocab mostly unused ({r['vocab_used']:,} of {vocab:,} ids appear)")
-        if arr.dtype.itemsize > 2 and vocab <= 65536:
-            warnings.append(f"{split}: dtype {arr.dtype} for a vocab of {vocab:,}; uint16 would halve the file")
-        if eot_id is not None and st["eot_count"] == 0:
-            warnings.append(f"{split}: no document separators (id {eot_id}); documents run together")
-        if len(arr) < args.context_length + 1:
-            errors.append(f"{split}: {len(arr)} tokens, shorter than context_length + 1 = {args.context_length + 1}")
+        report[split] = r = _array_report(path, arr, st, vocab, eot_id, tok, args)
+        _array_findings(split, arr, st, r, vocab, eot_id, len(arrays) == 1, args, warnings, errors)
     if Path(target).is_dir() and "val" not in opened:
         warnings.append("no val split (val.npy missing)")
+    _val_findings(report, opened, args, warnings)
+    report["warnings"] = warnings
+    report["errors"] = errors
+    report["verdict"] = "ERROR" if errors else ("WARN" if warnings else "OK")
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _eot_id(meta: dict, tok) -> int | None:
+    """The document separator's id: meta.json's, else the tokenizer's (None when neither has one)."""
+    eot_id = meta.get("eot_id")
+    if eot_id is None and tok is not None:
+        try:
+            eot_id = tok.token_id(EOT)
+        except Exception:
+            eot_id = None
+    return eot_id
+
+
+def _array_report(path: Path, arr: np.ndarray, st: dict, vocab: int, eot_id: int | None, tok, args) -> dict:
+    """One array's section of the report, from its token_stats ``st`` (whose counts it takes)."""
+    counts = st.pop("counts")
+    total = int(counts.sum())
+    k = max(1, math.ceil(vocab / 100))
+    top_sorted = np.sort(counts)[::-1]
+    order = np.argsort(counts)[::-1][: args.top_k]
+    r = {
+        "path": str(path),
+        "dtype": str(arr.dtype),
+        "tokens": int(len(arr)),
+        "bytes_on_disk": path.stat().st_size,
+        "stats": "exact (full pass)" if st["exact"] else f"sampled ({st['scanned_tokens'] / len(arr):.1%} of tokens in {CHUNK:,}-token blocks)",
+        "max_id": st["max_id"],
+        "ids_over_vocab": st["ids_over_vocab"],
+        "vocab_used": int((counts > 0).sum()),
+        "unigram_entropy_nats": unigram_entropy(counts) if total else None,
+        "top1pct_ids": k,
+        "top1pct_share": float(top_sorted[:k].sum() / total) if total else None,
+        "top_tokens": [
+            {"id": int(i), "share": float(counts[i] / total), "text": (tok.decode([int(i)]) if tok else None)} for i in order if counts[i] > 0
+        ],
+    }
+    if eot_id is not None:
+        r["eot_count"] = st["eot_count"]
+        r["eot_share"] = st["eot_count"] / total if total else 0.0
+        dl = st.get("doc_lengths")
+        if dl is not None and len(dl):
+            r["documents"] = {
+                "count": int(len(dl)),
+                "min": int(dl.min()),
+                "median": float(np.median(dl)),
+                "p99": float(np.percentile(dl, 99)),
+                "max": int(dl.max()),
+                "mean": float(dl.mean()),
+            }
+            r["documents"]["unterminated_tail_tokens"] = st["tail_tokens"]
+            r["_doc_lengths"] = dl
+    r["sampler"] = sampler_stats(arr, args.batch_size, args.context_length, args.batches, eot_id)
+    r["_counts"] = counts
+    return r
+
+
+def _array_findings(
+    split: str, arr: np.ndarray, st: dict, r: dict, vocab: int, eot_id: int | None, only: bool, args,
+    warnings: list[str], errors: list[str],
+) -> None:
+    """The warnings and errors about one array (``only``: the sole array inspected), appended to the lists."""
+    if st["ids_over_vocab"] or st["min_id"] < 0:
+        errors.append(f"{split}: {st['ids_over_vocab']:,} ids exceed vocab (max id {st['max_id']} >= {vocab})")
+    if r["vocab_used"] < 0.5 * vocab and (split == "train" or only):  # a small val cannot cover it
+        warnings.append(f"{split}: vocab mostly unused ({r['vocab_used']:,} of {vocab:,} ids appear)")
+    if arr.dtype.itemsize > 2 and vocab <= 65536:
+        warnings.append(f"{split}: dtype {arr.dtype} for a vocab of {vocab:,}; uint16 would halve the file")
+    if eot_id is not None and st["eot_count"] == 0:
+        warnings.append(f"{split}: no document separators (id {eot_id}); documents run together")
+    if len(arr) < args.context_length + 1:
+        errors.append(f"{split}: {len(arr)} tokens, shorter than context_length + 1 = {args.context_length + 1}")
+
+
+def _val_findings(report: dict, opened: dict[str, np.ndarray], args, warnings: list[str]) -> None:
+    """Val size against a few batches and against train, and train/val leakage (into report["leakage"])."""
     if "val" in report:
         vt = report["val"]["tokens"]
         need = 4 * args.batch_size * (args.context_length + 1)
@@ -319,11 +344,6 @@ def inspect(target: str | Path, args) -> dict:
         longest = max((n for n in args.ngram if str(n) in lk), default=None)
         if longest is not None and lk[str(longest)] > 0.1:
             warnings.append(f"train/val leakage: {lk[str(longest)]:.0%} of val {longest}-grams occur in train")
-    report["warnings"] = warnings
-    report["errors"] = errors
-    report["verdict"] = "ERROR" if errors else ("WARN" if warnings else "OK")
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    return report
 
 
 def _plots(report: dict, img_dir: Path) -> list[str] | str:

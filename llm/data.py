@@ -17,6 +17,7 @@ CLI::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -27,7 +28,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,8 +37,10 @@ import numpy as np
 
 from llm import download
 from llm.bpe import EOT
+from llm.bpe.tokenizer import BpeTokenizer
+from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
-from llm.fileio import check_writable, replacing, temp_path, write_text
+from llm.fileio import check_writable, replacing, write_text
 from llm.stories import GENERATOR_VERSION, generate_stories
 
 try:
@@ -206,11 +210,6 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
                 h.update(block)
         _cache[key] = h.hexdigest()
     return _cache[key]
-
-
-def _tmp_path(final: Path) -> Path:
-    """A fresh temp name next to ``final`` (same filesystem, so os.replace is atomic)."""
-    return temp_path(final)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -412,11 +411,34 @@ def prepare(
     present (idempotent), and an interrupted run redoes only the unfinished steps. ``force`` redoes all.
     Returns ``load_meta(out_dir)``.
     """
-    from llm.bpe.train import check_workers
-    from llm.bpe_tokenizer import BpeTokenizer, train_bpe  # lazy: data users without prepare need not import it
-
     src = Path(input_path)
     out = Path(out_dir)
+    _check_prepare_args(src, val_input, vocab_size, val_fraction, special_tokens, num_workers)
+    check_writable(out, what="out", is_dir=True)
+    t_start = time.perf_counter()
+    with _dir_lock(out):
+        state_path = out / ".prepare_state.json"
+        state = {} if force or not state_path.exists() else json.loads(state_path.read_text())
+        _Prepare(src, out, vocab_size, val_fraction, val_input, list(special_tokens), num_workers, quiet, state).run()
+    meta = load_meta(out)
+    _log(
+        f"prepare: {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']}, "
+        f"{meta['bytes_per_token']:.2f} bytes/token, unigram entropy {meta['unigram_entropy']:.3f} nats "
+        f"({time.perf_counter() - t_start:.1f}s)",
+        quiet,
+    )
+    return meta
+
+
+def _check_prepare_args(
+    src: Path,
+    val_input: str | os.PathLike | None,
+    vocab_size: int,
+    val_fraction: float,
+    special_tokens: tuple[str, ...] | list[str],
+    num_workers: int | None,
+) -> None:
+    """prepare's arguments, checked before anything is written: one line saying what is wrong."""
     if not src.is_file():
         raise FileNotFoundError(f"{src}: input text file not found")
     if val_input is not None and not Path(val_input).is_file():
@@ -426,119 +448,153 @@ def prepare(
     if val_input is None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     check_workers(num_workers)  # here too, not only in the step that uses it: fail before the split runs
-    check_writable(out, what="out", is_dir=True)
-    special_tokens = list(special_tokens)
-    t_start = time.perf_counter()
-    with _dir_lock(out):
-        state_path = out / ".prepare_state.json"
-        state = {} if force or not state_path.exists() else json.loads(state_path.read_text())
 
-        def run_step(name: str, fingerprint: dict, outputs: list[Path], fn) -> None:
-            if state.get(name) == fingerprint and all(o.exists() for o in outputs):
-                _log(f"prepare: {name}: up to date, skipped", quiet)
-                return
-            t0 = time.perf_counter()
-            _log(f"prepare: {name} ...", quiet)
-            state.pop(name, None)
-            _write_json_atomic(state_path, state)  # a crash mid-step must not leave a stale "done"
-            fn()
-            state[name] = fingerprint
-            _write_json_atomic(state_path, state)
-            _log(f"prepare: {name}: done in {time.perf_counter() - t0:.1f}s", quiet)
 
-        source_sha = sha256_file(src)
-        split_info: dict = {}
-        if val_input is None:
-            train_txt, val_txt = out / "train.txt", out / "val.txt"
-            split_fp = {"source_sha256": source_sha, "val_fraction": val_fraction, "separator": special_tokens[0] if special_tokens else EOT, "seed": 0}
+@dataclass
+class _Prepare:
+    """One prepare run inside the locked ``out`` directory: a method per step, each run through ``step``,
+    which skips it when its fingerprint in ``state`` (DIR/.prepare_state.json) and its outputs are present."""
 
-            def do_split() -> None:
-                split_info.update(split_documents(src, train_txt, val_txt, val_fraction, split_fp["separator"]))
-                _write_json_atomic(out / ".split.json", split_info)
+    src: Path
+    out: Path
+    vocab_size: int
+    val_fraction: float
+    val_input: str | os.PathLike | None
+    special_tokens: list[str]
+    num_workers: int | None
+    quiet: bool
+    state: dict
+    split_info: dict = field(default_factory=dict)  # .split.json: documents per split, when prepare split them
+    tok: BpeTokenizer | None = None  # loaded once, by the first step that needs the trained tokenizer
+    # set by run() as the steps reach them
+    source_sha: str = field(init=False)
+    train_txt: Path = field(init=False)
+    val_txt: Path = field(init=False)
+    tok_dir: Path = field(init=False)
+    train_sha: str = field(init=False)
+    val_sha: str = field(init=False)
+    tok_fp: dict = field(init=False)
 
-            run_step("split", split_fp, [train_txt, val_txt, out / ".split.json"], do_split)
-            split_info = json.loads((out / ".split.json").read_text())
+    def run(self) -> None:
+        self.source_sha = sha256_file(self.src)
+        if self.val_input is None:
+            self.train_txt, self.val_txt = self.out / "train.txt", self.out / "val.txt"
+            self.split()
         else:
-            train_txt, val_txt = src, Path(val_input)
+            self.train_txt, self.val_txt = self.src, Path(self.val_input)
+        self.tok_dir = self.out / "tokenizer"
+        self.train_sha, self.val_sha = sha256_file(self.train_txt), sha256_file(self.val_txt)
+        self.tok_fp = {"train_sha256": self.train_sha, "vocab_size": self.vocab_size, "special_tokens": self.special_tokens}
+        self.step("tokenizer", self.tok_fp, [self.tok_dir], self.train_tokenizer)
+        for split, text, sha in (("train", self.train_txt, self.train_sha), ("val", self.val_txt, self.val_sha)):
+            fp = {"text_sha256": sha, "tokenizer": self.tok_fp}
+            final = self.out / f"{split}.npy"
+            self.step(f"encode_{split}", fp, [final], functools.partial(self.encode, text, final))
+        meta_fp = {k: self.state.get(k) for k in ("split", "tokenizer", "encode_train", "encode_val")}
+        self.step("meta", meta_fp, [self.out / "meta.json"], self.write_meta)
 
-        tok_dir = out / "tokenizer"
-        train_sha, val_sha = sha256_file(train_txt), sha256_file(val_txt)
-        tok_fp = {"train_sha256": train_sha, "vocab_size": vocab_size, "special_tokens": special_tokens}
+    def step(self, name: str, fingerprint: dict, outputs: list[Path], fn: Callable[[], None]) -> None:
+        if self.state.get(name) == fingerprint and all(o.exists() for o in outputs):
+            _log(f"prepare: {name}: up to date, skipped", self.quiet)
+            return
+        t0 = time.perf_counter()
+        _log(f"prepare: {name} ...", self.quiet)
+        state_path = self.out / ".prepare_state.json"
+        self.state.pop(name, None)
+        _write_json_atomic(state_path, self.state)  # a crash mid-step must not leave a stale "done"
+        fn()
+        self.state[name] = fingerprint
+        _write_json_atomic(state_path, self.state)
+        _log(f"prepare: {name}: done in {time.perf_counter() - t0:.1f}s", self.quiet)
 
-        def do_tokenizer() -> None:
-            vocab, merges = train_bpe(str(train_txt), vocab_size, special_tokens, num_workers=num_workers, progress=None if not quiet else False)
-            with replacing(tok_dir) as tmp:
-                tmp.mkdir()
-                BpeTokenizer(vocab, merges, special_tokens).save(str(tmp))
-                if tok_dir.exists():
-                    shutil.rmtree(tok_dir)
+    @property
+    def separator(self) -> str:
+        return self.special_tokens[0] if self.special_tokens else EOT
 
-        run_step("tokenizer", tok_fp, [tok_dir], do_tokenizer)
-        tok = None
+    def split(self) -> None:
+        """Step 1 as a step: train.txt / val.txt and .split.json, whose document counts are read back either way."""
+        fp = {"source_sha256": self.source_sha, "val_fraction": self.val_fraction, "separator": self.separator, "seed": 0}
+        self.step("split", fp, [self.train_txt, self.val_txt, self.out / ".split.json"], self.write_split)
+        self.split_info = json.loads((self.out / ".split.json").read_text())
 
-        def encode(text: Path, final: Path) -> None:
-            nonlocal tok
-            tok = tok or BpeTokenizer.load(str(tok_dir))
-            with replacing(final) as tmp:
-                tok.encode_file(str(text), str(tmp), num_workers=num_workers, progress=not quiet)
-                open_tokens(tmp, tok.vocab_size)  # never publish an array the tokenizer could not have made
+    def write_split(self) -> None:
+        info = split_documents(self.src, self.train_txt, self.val_txt, self.val_fraction, self.separator)
+        _write_json_atomic(self.out / ".split.json", info)
 
-        for split, text, sha in (("train", train_txt, train_sha), ("val", val_txt, val_sha)):
-            fp = {"text_sha256": sha, "tokenizer": tok_fp}
-            run_step(f"encode_{split}", fp, [out / f"{split}.npy"], lambda t=text, s=split: encode(t, out / f"{s}.npy"))
+    def train_tokenizer(self) -> None:
+        vocab, merges = train_bpe(
+            str(self.train_txt), self.vocab_size, self.special_tokens, num_workers=self.num_workers,
+            progress=None if not self.quiet else False,
+        )
+        with replacing(self.tok_dir) as tmp:
+            tmp.mkdir()
+            BpeTokenizer(vocab, merges, self.special_tokens).save(str(tmp))
+            if self.tok_dir.exists():
+                shutil.rmtree(self.tok_dir)
 
-        meta_fp = {k: state.get(k) for k in ("split", "tokenizer", "encode_train", "encode_val")}
+    def tokenizer(self) -> BpeTokenizer:
+        self.tok = self.tok or BpeTokenizer.load(str(self.tok_dir))
+        return self.tok
 
-        def do_meta() -> None:
-            t = tok or BpeTokenizer.load(str(tok_dir))
-            train = open_tokens(out / "train.npy", t.vocab_size)
-            val = open_tokens(out / "val.npy", t.vocab_size)
-            counts = token_counts(train, t.vocab_size)
-            specials = {s: t.token_id(s) for s in special_tokens}
-            eot_id = specials.get(EOT, next(iter(specials.values()), None))
-            train_bytes, val_bytes = train_txt.stat().st_size, val_txt.stat().st_size
-            meta = {
-                "format": META_FORMAT,
-                "vocab_size": t.vocab_size,
-                "requested_vocab_size": vocab_size,
-                "special_tokens": specials,
-                "eot_id": eot_id,
-                "dtype": str(train.dtype),
-                "train": "train.npy",
-                "val": "val.npy",
-                "tokenizer_dir": "tokenizer",
-                "train_tokens": int(len(train)),
-                "val_tokens": int(len(val)),
-                "train_text_bytes": train_bytes,
-                "val_text_bytes": val_bytes,
-                "bytes_per_token": round(train_bytes / len(train), 4),
-                "val_bytes_per_token": round(val_bytes / len(val), 4),
-                "train_documents": split_info.get("train_documents"),
-                "val_documents": split_info.get("val_documents"),
-                "unigram_entropy": round(unigram_entropy(counts), 6),
-                "unigram_entropy_bits": round(unigram_entropy(counts) / math.log(2), 6),
-                "vocab_used": int((counts > 0).sum()),
-                "source": str(src),
-                "source_sha256": source_sha,
-                "val_source": str(val_input) if val_input is not None else None,
-                "val_source_sha256": val_sha if val_input is not None else None,
-                "val_fraction": None if val_input is not None else val_fraction,
-                "split_seed": None if val_input is not None else 0,
-            }
-            if eot_id is not None and meta["train_documents"] is None:
-                meta["train_documents"] = int(counts[eot_id])
-                meta["val_documents"] = int(np.count_nonzero(np.asarray(val) == eot_id))
-            _write_json_atomic(out / "meta.json", meta)
+    def encode(self, text: Path, final: Path) -> None:
+        tok = self.tokenizer()
+        with replacing(final) as tmp:
+            tok.encode_file(str(text), str(tmp), num_workers=self.num_workers, progress=not self.quiet)
+            open_tokens(tmp, tok.vocab_size)  # never publish an array the tokenizer could not have made
 
-        run_step("meta", meta_fp, [out / "meta.json"], do_meta)
-    meta = load_meta(out)
-    _log(
-        f"prepare: {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']}, "
-        f"{meta['bytes_per_token']:.2f} bytes/token, unigram entropy {meta['unigram_entropy']:.3f} nats "
-        f"({time.perf_counter() - t_start:.1f}s)",
-        quiet,
-    )
-    return meta
+    def write_meta(self) -> None:
+        tok = self.tokenizer()
+        train = open_tokens(self.out / "train.npy", tok.vocab_size)
+        val = open_tokens(self.out / "val.npy", tok.vocab_size)
+        counts = token_counts(train, tok.vocab_size)
+        specials = {s: tok.token_id(s) for s in self.special_tokens}
+        eot_id = specials.get(EOT, next(iter(specials.values()), None))
+        meta = {
+            "format": META_FORMAT,
+            "vocab_size": tok.vocab_size,
+            "requested_vocab_size": self.vocab_size,
+            "special_tokens": specials,
+            "eot_id": eot_id,
+            "dtype": str(train.dtype),
+            "train": "train.npy",
+            "val": "val.npy",
+            "tokenizer_dir": "tokenizer",
+            **self.corpus_stats(train, val, counts),
+            **self.sources(),
+        }
+        if eot_id is not None and meta["train_documents"] is None:
+            meta["train_documents"] = int(counts[eot_id])
+            meta["val_documents"] = int(np.count_nonzero(np.asarray(val) == eot_id))
+        _write_json_atomic(self.out / "meta.json", meta)
+
+    def corpus_stats(self, train: np.ndarray, val: np.ndarray, counts: np.ndarray) -> dict:
+        """meta.json's sizes: tokens, text bytes, bytes per token, documents, unigram entropy, vocabulary use."""
+        train_bytes, val_bytes = self.train_txt.stat().st_size, self.val_txt.stat().st_size
+        return {
+            "train_tokens": int(len(train)),
+            "val_tokens": int(len(val)),
+            "train_text_bytes": train_bytes,
+            "val_text_bytes": val_bytes,
+            "bytes_per_token": round(train_bytes / len(train), 4),
+            "val_bytes_per_token": round(val_bytes / len(val), 4),
+            "train_documents": self.split_info.get("train_documents"),
+            "val_documents": self.split_info.get("val_documents"),
+            "unigram_entropy": round(unigram_entropy(counts), 6),
+            "unigram_entropy_bits": round(unigram_entropy(counts) / math.log(2), 6),
+            "vocab_used": int((counts > 0).sum()),
+        }
+
+    def sources(self) -> dict:
+        """meta.json's provenance: the input files, their sha256 and how val was split off."""
+        given = self.val_input is not None
+        return {
+            "source": str(self.src),
+            "source_sha256": self.source_sha,
+            "val_source": str(self.val_input) if given else None,
+            "val_source_sha256": self.val_sha if given else None,
+            "val_fraction": None if given else self.val_fraction,
+            "split_seed": None if given else 0,
+        }
 
 
 def ensure_demo_data(

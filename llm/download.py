@@ -132,96 +132,145 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     resumed_from = part.stat().st_size if part.exists() else 0
-    total: int | None = None
-    attempt = 0
-    while True:
-        have = part.stat().st_size if part.exists() else 0
+    transfer = _Transfer(url, dest, part, retries, timeout, progress, chunk_size, backoff)
+    while not transfer.once():
+        pass
+    want = expected_size if expected_size is not None else transfer.total
+    size, digest = _check_part(part, dest.name, want, expected_sha256)
+    os.replace(part, dest)
+    return {"path": str(dest), "bytes": size, "sha256": digest, "resumed_from": resumed_from}
+
+
+# failures of a connection that a retry (resuming the .part) can get past
+_TRANSIENT = (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)  # noqa: UP041
+
+
+@dataclass
+class _Transfer:
+    """The requests of one download_file call into ``part``: each ``once`` is one request, resumed from what
+    the ``.part`` holds, and ``attempt`` counts the retries they have used."""
+
+    url: str
+    dest: Path
+    part: Path
+    retries: int
+    timeout: float
+    progress: bool
+    chunk_size: int
+    backoff: float
+    attempt: int = 0
+    total: int | None = None  # the object's length, once a server has said it
+
+    def retry(self, sleep: bool = True) -> bool:
+        """Use up one retry, after a pause that grows with each (``sleep``); False when none is left."""
+        if self.attempt >= self.retries:
+            return False
+        self.attempt += 1
+        if sleep:
+            time.sleep(self.backoff * self.attempt)
+        return True
+
+    def once(self) -> bool:
+        """One request: True when the ``.part`` holds the whole object, False to go round again."""
+        have = self.part.stat().st_size if self.part.exists() else 0
         headers = {"User-Agent": "llm-data/1 (python urllib)", "Accept-Encoding": "identity"}
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+            resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
         except ValueError as e:  # urllib: "unknown url type"
-            raise DownloadError(f"{url}: not a URL urllib can fetch ({e})") from None
+            raise DownloadError(f"{self.url}: not a URL urllib can fetch ({e})") from None
         except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # nothing left to send: the .part is complete, or wrong
-                cr = e.headers.get("Content-Range", "")
-                total = int(cr.rsplit("/", 1)[1]) if "/" in cr and cr.rsplit("/", 1)[1].isdigit() else None
-                if total == have:
-                    break
-                part.unlink()
-                continue
-            if e.code >= 500 and attempt < retries:
-                attempt += 1
-                time.sleep(backoff * attempt)
-                continue
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            return self.after_http_error(e, have)
         except urllib.error.URLError as e:
-            raise DownloadError(_offline_message(url, dest, e.reason)) from None
-        except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:  # noqa: UP041
-            if attempt < retries:
-                attempt += 1
-                time.sleep(backoff * attempt)
-                continue
-            raise DownloadError(_offline_message(url, dest, e)) from None
+            raise DownloadError(_offline_message(self.url, self.dest, e.reason)) from None
+        except _TRANSIENT as e:
+            if self.retry():
+                return False
+            raise DownloadError(_offline_message(self.url, self.dest, e)) from None
         with resp:
-            if resp.status == 206:
-                cr = resp.headers.get("Content-Range", "")  # "bytes START-END/TOTAL"
-                try:
-                    start = int(cr.split()[1].split("-")[0])
-                    total = int(cr.rsplit("/", 1)[1]) if not cr.endswith("/*") else None
-                except (IndexError, ValueError):
-                    start = -1
-                if start != have:  # a server that answers a different range: start over
-                    part.unlink(missing_ok=True)
-                    continue
-                mode = "ab"
-            else:
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                mode, have = "wb", 0  # the server ignored Range (or we asked for none): full body
-            bar = _Progress(dest.name, total, have, progress)
-            done = have
-            try:
-                with space_errors(part, note=" (the partial download is kept: free space and rerun to resume)"), \
-                        open(part, mode) as f:
-                    while block := resp.read(chunk_size):
-                        f.write(block)
-                        done += len(block)
-                        bar.update(done)
-            except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:  # noqa: UP041
-                bar.update(done, final=True)
-                if attempt < retries:
-                    attempt += 1
-                    time.sleep(backoff * attempt)
-                    continue
-                raise DownloadError(
-                    f"download of {url} interrupted at {_fmt_bytes(done)}"
-                    + (f" of {_fmt_bytes(total)}" if total else "")
-                    + f" ({type(e).__name__}); rerun the same command to resume from {part}"
-                ) from None
-            bar.update(done, final=True)
-        if total is not None and done < total:  # connection closed early without an exception
-            if attempt < retries:
-                attempt += 1
-                continue
-            raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; rerun the same command to resume from {part}")
-        break
+            mode = self.write_mode(resp, have)
+            if mode is None:  # a server that answers a different range: start over
+                self.part.unlink(missing_ok=True)
+                return False
+            done = self.receive(resp, mode, have if mode == "ab" else 0)
+            if done is None:
+                return False
+        if self.total is not None and done < self.total:  # connection closed early without an exception
+            if self.retry(sleep=False):
+                return False
+            raise DownloadError(
+                f"download of {self.url} stopped at {done} of {self.total} bytes; rerun the same command to resume from {self.part}"
+            )
+        return True
 
+    def after_http_error(self, e: urllib.error.HTTPError, have: int) -> bool:
+        """True when a 416 says the ``.part`` is already whole, False to go round again; else DownloadError."""
+        if e.code == 416 and have:  # nothing left to send: the .part is complete, or wrong
+            cr = e.headers.get("Content-Range", "")
+            self.total = int(cr.rsplit("/", 1)[1]) if "/" in cr and cr.rsplit("/", 1)[1].isdigit() else None
+            if self.total == have:
+                return True
+            self.part.unlink()
+            return False
+        if e.code >= 500 and self.retry():
+            return False
+        raise DownloadError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+
+    def write_mode(self, resp: http.client.HTTPResponse, have: int) -> str | None:
+        """"ab" to append a 206 answer that starts at ``have``, "wb" for a full body, None for another range;
+        records the object's length in ``total``."""
+        if resp.status == 206:
+            cr = resp.headers.get("Content-Range", "")  # "bytes START-END/TOTAL"
+            try:
+                start = int(cr.split()[1].split("-")[0])
+                self.total = int(cr.rsplit("/", 1)[1]) if not cr.endswith("/*") else None
+            except (IndexError, ValueError):
+                start = -1
+            return "ab" if start == have else None
+        length = resp.headers.get("Content-Length")
+        self.total = int(length) if length and length.isdigit() else None
+        return "wb"  # the server ignored Range (or we asked for none): full body
+
+    def receive(self, resp: http.client.HTTPResponse, mode: str, have: int) -> int | None:
+        """Stream the body into the ``.part`` with a progress line; the bytes it then holds, or None when the
+        connection broke and a retry is left (without one: DownloadError, keeping the ``.part``)."""
+        bar = _Progress(self.dest.name, self.total, have, self.progress)
+        done = have
+        try:
+            with space_errors(self.part, note=" (the partial download is kept: free space and rerun to resume)"), \
+                    open(self.part, mode) as f:
+                while block := resp.read(self.chunk_size):
+                    f.write(block)
+                    done += len(block)
+                    bar.update(done)
+        except _TRANSIENT as e:
+            bar.update(done, final=True)
+            if self.retry():
+                return None
+            raise DownloadError(
+                f"download of {self.url} interrupted at {_fmt_bytes(done)}"
+                + (f" of {_fmt_bytes(self.total)}" if self.total else "")
+                + f" ({type(e).__name__}); rerun the same command to resume from {self.part}"
+            ) from None
+        bar.update(done, final=True)
+        return done
+
+
+def _check_part(part: Path, name: str, want: int | None, expected_sha256: str | None) -> tuple[int, str]:
+    """(size, sha256) of a finished ``.part``; a size or hash other than expected deletes it (DownloadError)."""
     size = part.stat().st_size
-    want = expected_size if expected_size is not None else total
     if want is not None and size != want:
         part.unlink()
-        raise DownloadError(f"{dest.name}: downloaded {size} bytes but expected {want}; the file was corrupt and was deleted, rerun to fetch it again")
+        raise DownloadError(f"{name}: downloaded {size} bytes but expected {want}; the file was corrupt and was deleted, rerun to fetch it again")
     digest = sha256_of(part)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         part.unlink()
         raise DownloadError(
-            f"{dest.name}: sha256 {digest[:16]}... does not match the expected {expected_sha256[:16]}...; "
+            f"{name}: sha256 {digest[:16]}... does not match the expected {expected_sha256[:16]}...; "
             "the corrupt download was deleted, rerun to fetch it again"
         )
-    os.replace(part, dest)
-    return {"path": str(dest), "bytes": size, "sha256": digest, "resumed_from": resumed_from}
+    return size, digest
 
 
 def gunzip_file(src: Path, dest: Path, progress: bool = True) -> int:

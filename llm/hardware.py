@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 import torch
@@ -97,6 +98,15 @@ def inference_autocast(device: torch.device) -> contextlib.AbstractContextManage
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask on Linux, e.g. under taskset or a container's
+    cpuset; all the machine's cores elsewhere): the default for worker pools and CPU threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity outside Linux
+        return max(1, os.cpu_count() or 1)
 
 
 THREADS_HELP = "CPU threads for torch (default: torch's); 1 is faster when the machine is busy"

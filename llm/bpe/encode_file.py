@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
-from llm.bpe.train import check_workers, default_workers, mp_context
+from llm.bpe.train import check_workers, mp_context
 from llm.fileio import replacing
+from llm.hardware import usable_cores
 
 _HEADER = 128  # bytes reserved for the .npy header (multiple of 64 as the format recommends)
 _TASK_BYTES = 8 << 20
@@ -31,7 +32,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def default_file_workers(size: int) -> int:
     """All cores, but one per 16 MB: a process encodes ~40 MB/s, and a worker costs a fork plus its
     own cold piece table, which smaller files do not pay back."""
-    return max(1, min(default_workers(), 1 + size // _BYTES_PER_WORKER))
+    return max(1, min(usable_cores(), 1 + size // _BYTES_PER_WORKER))
 
 
 def _npy_header(dtype: np.dtype, n: int) -> bytes:

@@ -28,7 +28,7 @@ _TWO = [(ord(a), ord(b)) for a, b in ("ll", "ve", "re")]
 @cache
 def unicode_classes() -> np.ndarray:
     """Class of every code point, read off the `regex` module itself (its Unicode version, its \\s)."""
-    import regex
+    import regex  # here: its ~11 MB of Unicode tables load only when a table is built (as in pretokenize)
 
     chars = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
     table = np.full(0x110000, O, np.uint8)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from llm.bpe.batch_bpe import BatchBpe
+from llm.bpe.encode_file import encode_file as encode_file_to_npy
+from llm.bpe.encode_file import token_dtype
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
 from llm.bpe.piece_table import PieceTable, chars_to_ids
 from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
@@ -243,8 +245,6 @@ class BpeTokenizer:
 
     def encode_to_array(self, text: str, dtype=None) -> np.ndarray:
         """encode() straight into a NumPy array (uint16/uint32 by vocab size unless dtype given)."""
-        from llm.bpe.encode_file import token_dtype
-
         return self._encode_bulk(text).astype(dtype or token_dtype(self.vocab_size))
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
@@ -290,9 +290,7 @@ class BpeTokenizer:
     ) -> int:
         """Encode a UTF-8 file to a .npy of uint16 (uint32 above 65,536 ids) in parallel chunks;
         returns the number of tokens."""
-        from llm.bpe.encode_file import encode_file
-
-        return encode_file(self, input_path, output_path, num_workers, progress)
+        return encode_file_to_npy(self, input_path, output_path, num_workers, progress)
 
     # ------------------------------------------------------------------ files
     @classmethod

@@ -27,6 +27,7 @@ from operator import add
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
 from llm.bpe.pretokenize import pretokenize, special_splitter
+from llm.hardware import usable_cores
 
 # bytes -> str with code point 255-b: string order of the result is the reverse of byte order
 _INVERT = bytes(range(255, -1, -1))
@@ -36,13 +37,6 @@ _SENTINEL = "\u0100"  # larger than any inverted byte: a proper prefix sorts *af
 def _desc_key(token: bytes) -> str:
     """String whose ascending order is the descending order of `token` (bytes order)."""
     return token.translate(_INVERT).decode("latin-1") + _SENTINEL
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def check_workers(num_workers: int | None) -> None:
@@ -82,7 +76,7 @@ def count_pretokens(
     path = os.fspath(input_path)
     size = os.path.getsize(path)
     if num_workers is None:
-        num_workers = min(default_workers(), 1 + size // (1 << 20))  # tiny files: no process start-up
+        num_workers = min(usable_cores(), 1 + size // (1 << 20))  # tiny files: no process start-up
     num_tasks = max(num_workers, -(-size // (32 << 20)))  # ~32 MB tasks so progress can be shown
     bounds = chunk_boundaries(path, num_tasks, special_tokens)
     tasks = [(path, a, b, tuple(special_tokens)) for a, b in zip(bounds, bounds[1:])]
@@ -134,21 +128,7 @@ def merge_pairs(
         raise ValueError(f"vocab_size {first_id + num_merges} is too large (at most {0x10FFFF - 0x800})")
     tok: dict[int, bytes] = {b: bytes([b]) for b in range(256)}
     key: dict[str, str] = {_char(b): _desc_key(t) for b, t in tok.items()}
-    words: list[str] = []
-    counts: list[int] = []
-    pair_count: defaultdict[str, int] = defaultdict(int)
-    where: defaultdict[str, list[int]] = defaultdict(list)  # may hold stale/duplicate entries
-    for w, c in word_counts.items():
-        if len(w) < 2:
-            continue  # a single byte never takes part in a pair
-        wi = len(words)
-        s = w.decode("latin-1")  # byte b -> character b == token id b
-        words.append(s)
-        counts.append(c)
-        for q in set(map(add, s, s[1:])):
-            where[q].append(wi)
-        for q in map(add, s, s[1:]):
-            pair_count[q] += c
+    words, counts, pair_count, where = _index_words(word_counts)
     heap = [(-c, key[q[0]] + key[q[1]], q) for q, c in pair_count.items()]
     heapq.heapify(heap)
 
@@ -167,41 +147,7 @@ def merge_pairs(
         merges.append((_id(ca), _id(cb)))
         tok[t] = tok[_id(ca)] + tok[_id(cb)]
         key[tc] = _desc_key(tok[t])
-        new_pairs: set[str] = set()
-        for wi in where.pop(p):
-            w = words[wi]
-            i = w.find(p)
-            if i < 0:
-                continue  # stale index entry: the pair left this word in an earlier merge
-            cw = counts[wi]
-            nw = words[wi] = w.replace(p, tc)
-            n = len(w)
-            if n == 2:
-                continue  # the whole word became t: only p itself disappears
-            if w.find(p, i + 2) < 0:
-                # one occurrence: only the neighbours' pairs change
-                if i:
-                    left = w[i - 1]
-                    pair_count[left + ca] -= cw
-                    q = left + tc
-                    pair_count[q] += cw
-                    where[q].append(wi)
-                    new_pairs.add(q)
-                if i + 2 < n:
-                    right = w[i + 2]
-                    pair_count[cb + right] -= cw
-                    q = tc + right
-                    pair_count[q] += cw
-                    where[q].append(wi)
-                    new_pairs.add(q)
-            else:  # several occurrences: recount this word's pairs
-                for q in map(add, w, w[1:]):
-                    pair_count[q] -= cw
-                for q in map(add, nw, nw[1:]):
-                    pair_count[q] += cw
-                    if tc in q:
-                        where[q].append(wi)
-                        new_pairs.add(q)
+        new_pairs = _merge_in_words(p, tc, words, counts, pair_count, where)
         pair_count.pop(p, None)
         for q in new_pairs:
             if pair_count[q] > 0:
@@ -215,6 +161,78 @@ def merge_pairs(
         print(f"merges: {len(merges):,}/{num_merges:,} in {time.perf_counter() - t0:.1f} s"
               + ("" if len(merges) == num_merges else " (no pairs left)"), file=sys.stderr, flush=True)
     return merges
+
+
+def _index_words(
+    word_counts: dict[bytes, int],
+) -> tuple[list[str], list[int], defaultdict[str, int], defaultdict[str, list[int]]]:
+    """(words, their counts, pair -> summed count, pair -> indices of the words holding it) for merge_pairs;
+    words of one byte are left out, as they never hold a pair."""
+    words: list[str] = []
+    counts: list[int] = []
+    pair_count: defaultdict[str, int] = defaultdict(int)
+    where: defaultdict[str, list[int]] = defaultdict(list)  # may hold stale/duplicate entries
+    for w, c in word_counts.items():
+        if len(w) < 2:
+            continue
+        wi = len(words)
+        s = w.decode("latin-1")  # byte b -> character b == token id b
+        words.append(s)
+        counts.append(c)
+        for q in set(map(add, s, s[1:])):
+            where[q].append(wi)
+        for q in map(add, s, s[1:]):
+            pair_count[q] += c
+    return words, counts, pair_count, where
+
+
+def _merge_in_words(
+    p: str,
+    tc: str,
+    words: list[str],
+    counts: list[int],
+    pair_count: defaultdict[str, int],
+    where: defaultdict[str, list[int]],
+) -> set[str]:
+    """Rewrite pair ``p`` as token ``tc`` in every word holding it, updating ``pair_count`` and ``where``
+    incrementally; return the pairs that gained count (all contain ``tc``)."""
+    ca, cb = p
+    new_pairs: set[str] = set()
+    for wi in where.pop(p):
+        w = words[wi]
+        i = w.find(p)
+        if i < 0:
+            continue  # stale index entry: the pair left this word in an earlier merge
+        cw = counts[wi]
+        nw = words[wi] = w.replace(p, tc)
+        n = len(w)
+        if n == 2:
+            continue  # the whole word became t: only p itself disappears
+        if w.find(p, i + 2) < 0:
+            # one occurrence: only the neighbours' pairs change
+            if i:
+                left = w[i - 1]
+                pair_count[left + ca] -= cw
+                q = left + tc
+                pair_count[q] += cw
+                where[q].append(wi)
+                new_pairs.add(q)
+            if i + 2 < n:
+                right = w[i + 2]
+                pair_count[cb + right] -= cw
+                q = tc + right
+                pair_count[q] += cw
+                where[q].append(wi)
+                new_pairs.add(q)
+        else:  # several occurrences: recount this word's pairs
+            for q in map(add, w, w[1:]):
+                pair_count[q] -= cw
+            for q in map(add, nw, nw[1:]):
+                pair_count[q] += cw
+                if tc in q:
+                    where[q].append(wi)
+                    new_pairs.add(q)
+    return new_pairs
 
 
 def train_bpe(
