@@ -24,9 +24,10 @@ import torch
 
 from llm.data import get_batch, open_tokens
 from llm.distributed import DistInfo
+from llm.machine import usable_cores
 from llm.train_config import TrainConfig, merge, train_preset
 from llm.train_loop import TrainResult, batch_rng, train
-from llm.train_setup import autocast_context, build_model, build_optimizer, cpu_cores, prepare_data, resolve_device, resolve_dtype
+from llm.train_setup import autocast_context, build_model, build_optimizer, prepare_data, resolve_device, resolve_dtype
 
 
 def bare_step_seconds(cfg: TrainConfig, device: torch.device, steps: int) -> float:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg)
     prepare_data(cfg, DistInfo())
     if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or cpu_cores())
+        torch.set_num_threads(cfg.threads or usable_cores())
     bare, loop, inner, evals, ckpts = [], [], [], [], []
     for r in range(ns.repeats):
         bare.append(bare_step_seconds(cfg, device, ns.steps))

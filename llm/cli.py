@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from llm.hardware import DEVICE_HELP
+from llm.machine import DEVICE_HELP
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 
 import torch
+
+from llm.machine import DEVICE_HELP
 
 # name fragment (lower case) -> {dtype: peak FLOP/s}; fp32 is the TF32 tensor-core rate where it exists.
 GPU_PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
@@ -56,9 +57,6 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32, o
     return measure_cpu_matmul_flops(), "measured fp32 matmul"
 
 
-DEVICE_HELP = "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps"
-
-
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return mps is not None and mps.is_available()
@@ -98,15 +96,6 @@ def inference_autocast(device: torch.device) -> contextlib.AbstractContextManage
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask on Linux, e.g. under taskset or a container's
-    cpuset; all the machine's cores elsewhere): the default for worker pools and CPU threads."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # no sched_getaffinity outside Linux
-        return max(1, os.cpu_count() or 1)
 
 
 THREADS_HELP = "CPU threads for torch (default: torch's); 1 is faster when the machine is busy"

@@ -22,6 +22,7 @@ from llm.config import ModelConfig
 from llm.data import ensure_demo_data, open_tokens
 from llm.distributed import DistInfo, barrier, wrap_data_parallel
 from llm.hardware import device_from_name, peak_flops
+from llm.machine import usable_cores
 from llm.metrics import MetricsLog
 from llm.optim import AdamW, cos_lr_scheduler
 from llm.run_dir import clear_earlier_run, earlier_run, open_run_dir, resolve_resume
@@ -53,20 +54,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def configure_device(cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]) -> tuple[torch.device, torch.dtype]:
     """This rank's device and compute dtype, with the process settings they want: CPU threads shared among
     the node's ranks; on CUDA TF32 matmuls and the deterministic algorithms a bit-exact resume needs."""
     device = resolve_device(cfg, info)
     dtype = resolve_dtype(cfg, device)
     if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, cpu_cores() // info.local_world_size))
+        torch.set_num_threads(cfg.threads or max(1, usable_cores() // info.local_world_size))
         if dtype != torch.float32:
             log(f"warning: {cfg.dtype} on CPU runs through autocast and is usually SLOWER than float32 here")
     if device.type == "cuda":

@@ -17,7 +17,7 @@ import numpy as np
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
 from llm.bpe.train import check_workers, mp_context
 from llm.fileio import replacing
-from llm.hardware import usable_cores
+from llm.machine import usable_cores
 
 _HEADER = 128  # bytes reserved for the .npy header (multiple of 64 as the format recommends)
 _TASK_BYTES = 8 << 20

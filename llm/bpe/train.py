@@ -27,7 +27,7 @@ from operator import add
 
 from llm.bpe.chunks import chunk_boundaries, iter_range_text
 from llm.bpe.pretokenize import pretokenize, special_splitter
-from llm.hardware import usable_cores
+from llm.machine import usable_cores
 
 # bytes -> str with code point 255-b: string order of the result is the reverse of byte order
 _INVERT = bytes(range(255, -1, -1))
