@@ -24,10 +24,11 @@ import torch
 
 from llm.data import get_batch, open_tokens
 from llm.distributed import DistInfo
+from llm.hardware import autocast_context
 from llm.machine import usable_cores
 from llm.train_config import TrainConfig, merge, train_preset
 from llm.train_loop import TrainResult, batch_rng, train
-from llm.train_setup import autocast_context, build_model, build_optimizer, prepare_data, resolve_device, resolve_dtype
+from llm.train_setup import build_model, build_optimizer, prepare_data, resolve_device, resolve_dtype
 
 
 def bare_step_seconds(cfg: TrainConfig, device: torch.device, steps: int) -> float:

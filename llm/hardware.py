@@ -90,12 +90,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision: weights (and optimizer state) stay fp32, matmuls run in `dtype`; fp32: plain."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """The precision of inference (generation, evaluation): bf16 autocast on CUDA, as training runs there;
     plain fp32 elsewhere, where bf16 is slower."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast_context(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 THREADS_HELP = "CPU threads for torch (default: torch's); 1 is faster when the machine is busy"

@@ -21,7 +21,7 @@ from llm.checkpoint import DivergenceCheck, read_checkpoint, restore_rng_state
 from llm.config import ModelConfig
 from llm.data import ensure_demo_data, open_tokens
 from llm.distributed import DistInfo, barrier, wrap_data_parallel
-from llm.hardware import device_from_name, peak_flops
+from llm.hardware import autocast_context, device_from_name, peak_flops
 from llm.machine import usable_cores
 from llm.metrics import MetricsLog
 from llm.optim import AdamW, cos_lr_scheduler
@@ -45,13 +45,6 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return getattr(torch, cfg.dtype)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision: weights and optimizer stay fp32, matmuls run in `dtype`."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def configure_device(cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]) -> tuple[torch.device, torch.dtype]:
