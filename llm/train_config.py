@@ -67,6 +67,8 @@ class TrainConfig:
     device: str = _help("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = _help("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16")
     compile: bool = _help(False, "torch.compile the model")
+    activation_checkpointing: str = _help(
+        "none", "none | full | every-K: recompute checkpointed blocks in backward (less memory, ~1/3 more compute)")
     impl: str = _help("fast", "fast (llm/fast kernels) | reference (only the plain llm/ops Functions): same model, same checkpoints")
     threads: int | None = _help(None, "torch CPU threads per process; None: cores / processes on this node")
     peak_flops: float | None = _help(None, "device peak FLOP/s for MFU; None: data sheet (GPU) or measured (CPU)")
@@ -102,6 +104,7 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_impl(self.impl)
+        checkpoint_every(self.activation_checkpointing)
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.peak_flops is not None and not self.peak_flops > 0:
@@ -136,6 +139,22 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step for ONE process (multiply by the world size)."""
         return self.batch_size * self.grad_accum * self.model.context_length
+
+
+AC_MODES = "none | full | every-K (e.g. every-2: blocks 0, 2, 4, ...)"
+
+
+def checkpoint_every(mode: str) -> int:
+    """Every how many blocks activation checkpointing `mode` checkpoints one: 0 for none, 1 for full,
+    K for every-K (llm.parallel applies it)."""
+    if mode == "none":
+        return 0
+    if mode == "full":
+        return 1
+    k = mode.removeprefix("every-")
+    if k != mode and k.isdigit() and int(k) > 0:
+        return int(k)
+    raise ValueError(f"activation_checkpointing must be {AC_MODES}, got {mode!r}")
 
 
 def _train_fields() -> dict[str, dataclasses.Field]:

@@ -25,6 +25,7 @@ from llm.hardware import autocast_context, device_from_name, peak_flops
 from llm.machine import usable_cores
 from llm.metrics import MetricsLog
 from llm.optim import AdamW, cos_lr_scheduler
+from llm.parallel import apply_activation_checkpointing
 from llm.run_dir import clear_earlier_run, earlier_run, open_run_dir, resolve_resume
 from llm.train_config import TrainConfig, train_preset
 from llm.transformer import Transformer
@@ -200,6 +201,7 @@ def build_training_state(cfg: TrainConfig, device: torch.device, dtype: torch.dt
     """Model, optimizer and gradient scaler, initialised from cfg.seed or restored (with every RNG) from `ckpt`."""
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = build_model(cfg.model, device, cfg.impl)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # before DDP wraps it
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if ckpt is None:
