@@ -184,6 +184,8 @@ class TensorMemoryTracker:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         st = t.untyped_storage()
                         key = st.data_ptr()
+                        if key and key in self.live and self.live[key][0].expired():  # freed, address reused
+                            self.current -= self.live.pop(key)[1]
                         if key and key not in self.live:
                             self.live[key] = (StorageWeakRef(st), st.nbytes())
                             self.current += st.nbytes()
