@@ -4,6 +4,8 @@
     uv run kernel/benchmarking_model.py --preset tiny --compare torch --impl both   # + the reference model
     uv run kernel/benchmarking_model.py --preset small --device cuda --dtype bfloat16 --memory --profile
     uv run kernel/benchmarking_model.py --sweep --compare torch --batch-size 4  # sizes x contexts -> kernel/results/
+    uv run kernel/benchmarking_model.py --preset tiny --context-length 1024 --batch-size 4 --memory \
+        --activation-checkpointing full      # ours vs ours+ac (blocks recomputed in backward), interleaved
 
 Phases (each timed with the device synchronised around it; `--warmup` untimed then `--steps` timed):
 - forward: logits for a batch, no autograd (what generation and evaluation run);
@@ -59,6 +61,7 @@ from kernel.bench_utils import (
 from llm.config import MODEL_PRESETS, ModelConfig, model_preset
 from llm.fileio import check_writable, replacing
 from llm.hardware import peak_flops
+from llm.train_config import checkpoint_every
 
 PHASES = ("forward", "fwd+bwd", "step")
 SWEEP_CONTEXTS = (128, 256, 512, 1024)
@@ -108,14 +111,18 @@ RUNNER_NAMES = {"fast": "ours", "reference": "reference"}  # our model's impleme
 
 
 def build_ours(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn_impl: str, compile: bool,
-               impl: str = "fast", weights: dict | None = None) -> Runner:
+               impl: str = "fast", weights: dict | None = None, ac: str = "none") -> Runner:
+    """Our model; with `ac` (an activation-checkpointing mode other than none) its blocks checkpointed
+    (llm.parallel) and the runner named e.g. `ours+ac`."""
     from llm.optim import AdamW
+    from llm.parallel import apply_activation_checkpointing
     from llm.transformer import Transformer
 
     model = Transformer.from_config(cfg, attn_impl=attn_impl, device=device, impl=impl)
     if weights is not None:
         model.load_state_dict(weights)
-    return Runner(RUNNER_NAMES[impl], model, AdamW(model.parameters(), lr=1e-4), device, dtype, compile)
+    name = RUNNER_NAMES[impl] + ("+ac" if apply_activation_checkpointing(model, ac) else "")
+    return Runner(name, model, AdamW(model.parameters(), lr=1e-4), device, dtype, compile)
 
 
 def build_reference(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, compile: bool, weights: dict | None) -> Runner:
@@ -134,6 +141,10 @@ def build_runners(cfg: ModelConfig, args: argparse.Namespace, device: torch.devi
     for impl in impls:  # the same weights for all
         weights = runners[0].model.state_dict() if runners else None
         runners.append(build_ours(cfg, device, dtype, args.attn_impl, args.compile, impl, weights))
+        if args.activation_checkpointing != "none":  # the same model checkpointed, interleaved with the plain one
+            weights = runners[0].model.state_dict()
+            runners.append(build_ours(cfg, device, dtype, args.attn_impl, args.compile, impl, weights,
+                                      args.activation_checkpointing))
     if args.compare == "torch":
         runners.append(build_reference(cfg, device, dtype, args.compile, runners[0].model.state_dict()))
     return runners
@@ -163,7 +174,8 @@ def summarize_phase(cfg: ModelConfig, phase: str, times: dict[str, list[float]],
         achieved = flops / s["median_s"]
         s.update(tokens_per_s=tokens / s["median_s"], tflops=achieved / 1e12, mfu=achieved / peak if peak == peak else float("nan"))
         out["impls"][name] = s
-    for name, base in (("ours", "torch"), ("reference", "torch"), ("ours", "reference")):
+    for name, base in (("ours", "torch"), ("reference", "torch"), ("ours", "reference"), ("ours+ac", "ours"),
+                       ("reference+ac", "reference")):
         if name in times and base in times:
             out[f"speed_{name}_over_{base}"] = paired_speed_ratio(times[name], times[base])
     return out
@@ -297,7 +309,8 @@ def format_run(result: dict) -> str:
                 f"{s['tokens_per_s']:,.0f} | {s['tflops']:.3f} | {s['mfu'] * 100:.1f}% |"
             )
     lines.append("")
-    for key in ("speed_ours_over_torch", "speed_reference_over_torch", "speed_ours_over_reference"):
+    for key in ("speed_ours_over_torch", "speed_reference_over_torch", "speed_ours_over_reference",
+                "speed_ours+ac_over_ours", "speed_reference+ac_over_reference"):
         ratios = [(ph["phase"], ph[key]) for ph in result["phases"] if key in ph]
         if ratios:
             a, b = key.removeprefix("speed_").split("_over_")
@@ -489,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["none", "torch"], default="none", help="also run the torch.nn reference, interleaved")
     p.add_argument("--impl", choices=["fast", "reference", "both"], default="fast",
                    help="our model's implementation: fast (llm/fast, 'ours'), reference (only llm/ops) or both, interleaved")
+    p.add_argument("--activation-checkpointing", default="none", metavar="MODE",
+                   help="also run our model with its blocks checkpointed (none | full | every-K), named +ac, "
+                        "interleaved with the plain one")
     p.add_argument("--attn-impl", default="auto", help="the fast model's causal attention: auto | ours | flash | triton")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="bfloat16 = autocast, fp32 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (30-40 s per model on CPU)")
@@ -531,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown phase(s) {bad}; choose from {', '.join(PHASES)}")
         if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
             raise ValueError("need --steps >= 1, --warmup >= 0, --batch-size >= 1")
+        checkpoint_every(args.activation_checkpointing)  # an unknown mode is one line now, not after a model is built
         if args.json is not None:  # outputs checked now, not after minutes of timing
             check_writable(args.json, what="--json", is_dir=False)
         if args.sweep:

@@ -44,6 +44,18 @@ def test_benchmarking_model_reports_the_reference_model_too(tmp_path, capsys) ->
     assert benchmarking_model.main(TINY + ["--impl", "reference", "--sweep"]) == 2  # the sweep measures the fast model
 
 
+def test_benchmarking_model_runs_a_checkpointed_twin(tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    argv = TINY + ["--num-layers", "2", "--activation-checkpointing", "full", "--phases", "step", "--memory", "--json", str(out)]
+    assert benchmarking_model.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert set(res["phases"][0]["impls"]) == {"ours", "ours+ac"} and res["phases"][0]["speed_ours+ac_over_ours"] > 0
+    assert res["loss_check"]["ours+ac"] == res["loss_check"]["ours"]
+    assert set(res["memory"]) == {"ours/step", "ours+ac/step"}
+    assert "speed ours+ac/ours" in capsys.readouterr().out
+    assert benchmarking_model.main(TINY + ["--activation-checkpointing", "every-0"]) == 2  # one error line
+
+
 def test_gemm_ceiling_is_torch_total_over_our_gemm_time() -> None:
     gemm = benchmarking_model.GEMM
     ours = {gemm: 800.0, "batched matmul": 50.0, "_total_ms": 900.0}
