@@ -14,7 +14,8 @@ and lm_head stay fp32: the embedding is a lookup (no matmul to speed up) and may
 lm_head's errors go straight into the logits, and the fused loss (`linear_cross_entropy`) reads its weight.
 
 The matmul never dequantizes a whole matrix: int8 goes through `torch.ops.aten._weight_int8pack_mm` where
-this torch has it (detected at run time), else through blocks of CHUNK_BYTES of output rows dequantized
+this torch has it (detected at run time) and it is asked for (INT8_KERNEL says why it is not the default),
+else through blocks of CHUNK_BYTES of output rows dequantized
 and multiplied one at a time; int4 unpacks and dequantizes per block the same way. Inference only.
 """
 
@@ -32,6 +33,10 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")  # L
 CHUNK_BYTES = 1 << 18  # fp32 bytes of one dequantized block of rows (256 KiB: stays in L2)
 HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # recent torch only
 INT8_KERNELS = ("aten", "chunked")
+# the default int8 kernel: "chunked". "aten" (_weight_int8pack_mm, used where detected when asked for) measured
+# slower at batch 1 on an AVX-512 CPU with torch 2.15: 0.64x fp32 decode speed against 1.16x for chunked
+# (kernel/benchmarking_quant.py compares both in one run)
+INT8_KERNEL = "chunked"
 
 
 class QuantWeight(NamedTuple):
@@ -95,22 +100,25 @@ def dequantize_rows(w: QuantWeight, start: int = 0, stop: int | None = None, dty
 
 
 def _chunked_matmul(x: Tensor, w: QuantWeight) -> Tensor:
-    """x Ŵᵀ for x (n in), dequantizing CHUNK_BYTES of rows at a time into one block, never the whole Ŵ."""
+    """x Ŵᵀ for x (n in), dequantizing CHUNK_BYTES of rows at a time into one block, never the whole Ŵ.
+    int8: the block is q converted, unscaled; the per-row scales multiply the (n out) result once instead
+    (x (s q)ᵀ = (x qᵀ) s), one pass over the block fewer."""
     out_features = w.q.shape[0]
     in_features = x.shape[1]
     rows = max(1, CHUNK_BYTES // (4 * in_features))
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
-        torch.mm(x, dequantize_rows(w, start, stop, x.dtype).t(), out=out[:, start:stop])
-    return out
+        block = w.q[start:stop].to(x.dtype) if w.bits == 8 else dequantize_rows(w, start, stop, x.dtype)
+        torch.mm(x, block.t(), out=out[:, start:stop])
+    return out.mul_(w.scale.to(x.dtype)) if w.bits == 8 else out
 
 
 def quant_matmul(x: Tensor, w: QuantWeight, kernel: str | None = None) -> Tensor:
-    """x Ŵᵀ for x (... in). int8: `kernel` "aten" (_weight_int8pack_mm; the default where it exists) or
-    "chunked"; int4: always chunked (unpacked per block)."""
+    """x Ŵᵀ for x (... in). int8: `kernel` "aten" (_weight_int8pack_mm, where this torch has it) or
+    "chunked" (default INT8_KERNEL); int4: always chunked (unpacked per block)."""
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = kernel or ("aten" if HAS_INT8PACK else "chunked")
+    kernel = kernel or INT8_KERNEL
     if kernel not in INT8_KERNELS:
         raise ValueError(f"kernel must be one of {INT8_KERNELS}, got {kernel!r}")
     if w.bits == 8 and kernel == "aten" and HAS_INT8PACK and x2.dtype in (torch.float32, torch.bfloat16):
