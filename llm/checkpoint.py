@@ -39,6 +39,9 @@ from llm.config import ModelConfig
 from llm.decoding import check_compatible
 from llm.fileio import replacing
 from llm.hardware import device_from_name
+from llm.quant import (
+    DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, check_record, empty_quantized, load_quantized_state, quantize_model,
+)
 from llm.train_config import TrainConfig
 from llm.transformer import Transformer
 
@@ -555,10 +558,33 @@ def retire_checkpoints(directory: StrPath, after_step: int, *, metrics: StrPath 
 # ------------------------------------------------------------------------------ loading for generation
 
 
+def _load_weights(model: Transformer, ckpt: dict[str, Any], path: Path, quantize: str | None) -> None:
+    """Load ckpt's weights into `model`: a quantized checkpoint (a "quantization" record, llm.quantize)
+    into QuantLinears of its bit width; a float one as is, then quantized when `quantize` names a format."""
+    state_dict = strip_wrapper_prefixes(dict(ckpt["model"]))
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if "quantization" in ckpt:
+        bits, group_size = check_record(ckpt["quantization"], path)
+        if quantize is not None and QUANTIZE_CHOICES[quantize] != bits:
+            raise ValueError(f"{path} is quantized to int{bits}; it cannot be loaded as {quantize}")
+        load_quantized_state(empty_quantized(model, bits, group_size), state_dict, path)
+        return
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ValueError(f"{path}: weights do not match its model_config ({first})") from None
+    if quantize is not None:
+        quantize_model(model, QUANTIZE_CHOICES[quantize], DEFAULT_GROUP_SIZE)
+
+
 def load_model(checkpoint: StrPath, *, device: str | torch.device | None = None,
-               tokenizer_dir: StrPath | None = None) -> tuple[Transformer, BpeTokenizer, Path]:
+               tokenizer_dir: StrPath | None = None, quantize: str | None = None,
+               ) -> tuple[Transformer, BpeTokenizer, Path]:
     """(model, tokenizer, checkpoint path) from a checkpoint file or a run directory; ValueError with one
-    clear line for anything missing or inconsistent. What generation and evaluation load."""
+    clear line for anything missing or inconsistent. What generation and evaluation load. `quantize`
+    ("int8" | "int4") quantizes a float checkpoint's block linears on load (llm.quant)."""
     src = Path(checkpoint)
     if not src.exists():
         raise ValueError(f"checkpoint not found: {src}")
@@ -579,11 +605,7 @@ def load_model(checkpoint: StrPath, *, device: str | torch.device | None = None,
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: incompatible model_config: {e}") from None
     model = Transformer.from_config(cfg, device=device_from_name(None if device is None else str(device)))
-    try:
-        model.load_state_dict(strip_wrapper_prefixes(dict(ckpt["model"])))
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise ValueError(f"{path}: weights do not match its model_config ({first})") from None
+    _load_weights(model, ckpt, path, quantize)
     model.eval()
     tok_dir = _find_tokenizer_dir(tokenizer_dir or ckpt.get("tokenizer_dir"), path)
     try:

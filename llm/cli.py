@@ -46,3 +46,8 @@ def add_tokenizer_dir(parser: Parser, help: str, *, required: bool = False) -> N
 
 def add_num_workers(parser: Parser, help: str = "worker processes (default: all cores)") -> None:
     parser.add_argument("--num-workers", alias=("--workers",), type=int, default=None, metavar="N", help=help)
+
+
+def add_quantize(parser: Parser) -> None:
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="quantize the block linears on load (int4: groups of 64); see llm.quantize")

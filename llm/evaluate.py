@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from llm.checkpoint import checkpoint_or_default_run, load_model, read_checkpoint
-from llm.cli import Parser, add_device, add_tokenizer_dir
+from llm.cli import Parser, add_device, add_quantize, add_tokenizer_dir
 from llm.data import open_tokens
 from llm.hardware import THREADS_HELP, device_from_name, inference_autocast, model_device, set_threads
 
@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     add_device(p)
+    add_quantize(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         model, tokenizer, path = load_model(checkpoint_or_default_run(args.checkpoint), device=args.device,
-                                            tokenizer_dir=args.tokenizer_dir)
+                                            tokenizer_dir=args.tokenizer_dir, quantize=args.quantize)
         data = args.data
         if data is None:
             train_cfg = read_checkpoint(path).get("train_config") or {}

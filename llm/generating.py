@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from llm.checkpoint import checkpoint_or_default_run, load_model
-from llm.cli import Parser, add_device, add_tokenizer_dir
+from llm.cli import Parser, add_device, add_quantize, add_tokenizer_dir
 from llm.decoding import (
     GenerationOptions,
     TextStream,
@@ -58,6 +58,7 @@ def build_parser() -> Parser:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (for comparison)")
     add_device(p)
+    add_quantize(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--interactive", action="store_true", help="REPL: type prompts, /temp /topk /topp /reset /quit")
     return p
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_threads(args.threads)
         device_from_name(args.device)  # an unusable device: one line before the checkpoint is read
         model, tokenizer, path = load_model(checkpoint_or_default_run(args.checkpoint), device=args.device,
-                                            tokenizer_dir=args.tokenizer_dir)
+                                            tokenizer_dir=args.tokenizer_dir, quantize=args.quantize)
         ctx = model.config.context_length
         opts = opts.replace(on_slide=SlideNote(ctx))
         print(f"[{path}: {sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -148,7 +148,7 @@ class FFN(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "fast":  # w1 and w3 read the same x: one Function, whose backward accumulates dx in one buffer
+        if self.impl == "fast" and isinstance(self.w1, Linear):  # w1 and w3 read the same x: one Function (see _qkv)
             a, b = linears(x, self.w1.weight, self.w3.weight)
         else:
             a, b = self.w1(x), self.w3(x)
@@ -236,7 +236,9 @@ class MultiHeadAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor, inputs: AttnInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (b h s d), k and v (b h_kv s d), with RoPE applied to q and k."""
-        if self.impl == "fast":  # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer
+        # q, k, v read the same x: one Function, whose backward accumulates dx in one buffer (float Linears;
+        # quantized ones, llm.quant, hold no .weight and run their own matmul)
+        if self.impl == "fast" and isinstance(self.q_proj, Linear):
             q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -27,6 +27,8 @@ instead (there the matmuls dominate and the per-op overhead saved here hardly ma
 
 Folding the gains and the scale into the weights changes only rounding (float64: equal to the torch.nn
 reference to 1e-10; float32: to the training path to 1e-5, tests/test_generating_decode_step.py).
+Quantized models (llm.quant) take the same step: their int rows and scales are concatenated the same way
+(the attention scale c folded into the q rows' scales), the norm gains multiply h instead.
 Only the plain case: a `Transformer` with impl="fast", one new token per row, no padding mask, fp32/fp64
 weights, no autograd. Everything else (prefill, left-padded batches, bf16 models, subclasses, the reference
 model) goes through `Transformer.forward`. On CUDA the step runs in the weights' dtype, not under bf16
@@ -44,6 +46,7 @@ from torch import Tensor
 
 from llm.fast.softmax import exp_rows_
 from llm.kv_cache import KVCache
+from llm.quant import QuantLinear, QuantWeight, quant_matmul
 from llm.transformer import Transformer
 
 MAX_BYTES = 1 << 30  # models with more weight bytes than this use the general path (no second copy)
@@ -51,12 +54,14 @@ MAX_BYTES = 1 << 30  # models with more weight bytes than this use the general p
 
 @dataclass
 class _Layer:
-    w_qkv: Tensor  # (d, (h + 2 h_kv) d_head): [c·W_q; W_k; W_v]ᵀ with the ln1 gain folded in
-    w_o: Tensor  # (d, d)
-    w_13: Tensor  # (d, 2 f): [W_1; W_3]ᵀ with the ln2 gain folded in
-    w_2: Tensor  # (f, d)
+    w_qkv: Tensor | QuantWeight  # (d, (h + 2 h_kv) d_head): [c·W_q; W_k; W_v]ᵀ with the ln1 gain folded in
+    w_o: Tensor | QuantWeight  # (d, d)
+    w_13: Tensor | QuantWeight  # (d, 2 f): [W_1; W_3]ᵀ with the ln2 gain folded in
+    w_2: Tensor | QuantWeight  # (f, d)
     eps1: Tensor  # (1,): RMSNorm epsilons as tensors (see _rstd)
     eps2: Tensor
+    g1: Tensor | None = None  # quantized blocks: the RMSNorm gains, applied to h (not foldable into int weights)
+    g2: Tensor | None = None
 
 
 @dataclass
@@ -80,6 +85,23 @@ def _supported(model: Transformer) -> bool:
     if any(p.dtype not in (torch.float32, torch.float64) or p.dtype != params[0].dtype for p in params):
         return False
     return sum(p.numel() * p.element_size() for p in params) <= MAX_BYTES
+
+
+def _stack_q(mods: list[QuantLinear], first_scale: float = 1.0) -> QuantWeight:
+    """Quantized [s·W_1; W_2; ...] (Σ out_i, in): the int rows and their scales concatenated (per-row and
+    per-group scales both run along the rows), the factor s folded into W_1's scales."""
+    scales = [m.scale * first_scale if i == 0 else m.scale for i, m in enumerate(mods)]
+    return QuantWeight(torch.cat([m.weight_q for m in mods]), torch.cat(scales), mods[0].bits, mods[0].group_size)
+
+
+def _quant_layer(layer: torch.nn.Module, c: float, eps1: Tensor, eps2: Tensor) -> _Layer:
+    """The merged weights of a block whose linears are QuantLinears (llm.quant): gains kept apart."""
+    a, f = layer.attn, layer.ffn
+    return _Layer(
+        w_qkv=_stack_q([a.q_proj, a.k_proj, a.v_proj], c), w_o=_stack_q([a.output_proj]),
+        w_13=_stack_q([f.w1, f.w3]), w_2=_stack_q([f.w2]), eps1=eps1, eps2=eps2,
+        g1=layer.ln1.weight.detach(), g2=layer.ln2.weight.detach(),
+    )
 
 
 def _stack_t(mats: list[Tensor], gain: Tensor | None = None, scales: list[float] | None = None) -> Tensor:
@@ -113,6 +135,9 @@ def _build(model: Transformer) -> _Weights:
     w.layers = []
     for layer in model.layers:
         a, f = layer.attn, layer.ffn
+        if isinstance(a.q_proj, QuantLinear):
+            w.layers.append(_quant_layer(layer, c, eps(layer.ln1), eps(layer.ln2)))
+            continue
         w.layers.append(_Layer(
             w_qkv=_stack_t([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], layer.ln1.weight, [c, 1.0, 1.0]),
             w_o=_stack_t([a.output_proj.weight]),
@@ -152,6 +177,22 @@ def _rstd(x: Tensor, eps: Tensor) -> Tensor:
     return torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
 
 
+def _normed(x: Tensor, eps: Tensor, gain: Tensor | None) -> Tensor:
+    """RMSNorm of x; the gain is applied here only when it is not folded into the weights (quantized)."""
+    h = x * _rstd(x, eps)
+    return h if gain is None else h.mul_(gain)
+
+
+def _mm(x: Tensor, w: Tensor | QuantWeight) -> Tensor:
+    """x W for a float (in out) matrix, x Ŵᵀ for a quantized (out in) one."""
+    return quant_matmul(x, w) if isinstance(w, QuantWeight) else torch.mm(x, w)
+
+
+def _addmm(x: Tensor, a: Tensor, w: Tensor | QuantWeight) -> Tensor:
+    """x + a W, one addmm for a float matrix."""
+    return x + quant_matmul(a, w) if isinstance(w, QuantWeight) else torch.addmm(x, a, w)
+
+
 @torch.inference_mode()
 def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
     """Logits (b vocab) of the next token after `tokens` (b,) int64, appended to `cache` at position
@@ -176,7 +217,7 @@ def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
     values = cache.v[:, :, :, : pos + 1].flatten(1, 2)  # (L b·h_kv t d_head)
     x = w.embedding.index_select(0, tokens)  # (b d): a fresh tensor, never a view into the table
     for i, lw in enumerate(w.layers):
-        qkv = torch.mm(x * _rstd(x, lw.eps1), lw.w_qkv)  # (b (h + 2 h_kv) d_head)
+        qkv = _mm(_normed(x, lw.eps1, lw.g1), lw.w_qkv)  # (b (h + 2 h_kv) d_head)
         z = torch.view_as_complex(qkv.view(b, h + 2 * hkv, dh // 2, 2))  # pairs as complex numbers
         # RoPE: q rotated into a fresh tensor, k rotated straight into its cache slot
         q = torch.view_as_real(z[:, :h] * rot).view(bk, g, dh)  # the g query heads of a K/V head as g rows
@@ -185,9 +226,9 @@ def decode_step(w: _Weights, tokens: Tensor, cache: KVCache) -> Tensor:
         s = torch.bmm(q, keys_t[i])  # (b·h_kv g t), scale folded into W_q
         _, l = exp_rows_(s)
         o = torch.bmm(s, values[i]).div_(l)  # normalise (g d_head), not (g t)
-        x = torch.addmm(x, o.view(b, d), lw.w_o)
-        ab = torch.mm(x * _rstd(x, lw.eps2), lw.w_13)
+        x = _addmm(x, o.view(b, d), lw.w_o)
+        ab = _mm(_normed(x, lw.eps2, lw.g2), lw.w_13)
         a, gate = ab.chunk(2, dim=-1)
-        x = torch.addmm(x, torch.sigmoid(a).mul_(a).mul_(gate), lw.w_2)
+        x = _addmm(x, torch.sigmoid(a).mul_(a).mul_(gate), lw.w_2)
     cache.advance(1)
     return torch.mm(x * _rstd(x, w.eps_final), w.w_head)

@@ -1,0 +1,122 @@
+"""Quantized inference (#16): linear-weight bytes, checkpoint size, batch-1 KV-cache decode speed and
+(with --checkpoint) perplexity, fp32 against int8 (chunked, and aten's _weight_int8pack_mm where present) and int4, measured interleaved in one run.
+
+    uv run python kernel/benchmarking_quant.py --presets tinystories small --tokens 32 --steps 5
+    uv run python kernel/benchmarking_quant.py --presets --checkpoint runs/demo --max-tokens 20000
+
+Decode speed uses random weights (speed does not depend on them); perplexity needs a trained checkpoint
+(its recorded validation split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernel.bench_utils import interleaved_times, paired_speed_ratio  # noqa: E402
+from llm import quant  # noqa: E402
+from llm.checkpoint import load_model, read_checkpoint  # noqa: E402
+from llm.config import MODEL_PRESETS  # noqa: E402
+from llm.evaluate import evaluate_tokens, load_tokens  # noqa: E402
+from llm.fast import decode_step as ds  # noqa: E402
+from llm.transformer import Transformer  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def variants(model: Transformer) -> dict[str, Transformer]:
+    """fp32, int8 (aten kernel where present, and chunked), int4 group 64: copies of one model."""
+    out = {"fp32": model, "int8": quant.quantize_model(copy.deepcopy(model), 8)}
+    out["int4-g64"] = quant.quantize_model(copy.deepcopy(model), 4, 64)
+    return out
+
+
+def state_bytes(model: Transformer) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def decoder(model: Transformer, tokens: int):
+    """A call that decodes `tokens` tokens at batch 1 through the KV-cache decode step."""
+    def run() -> None:
+        cache = model.new_kv_cache(1, tokens + 1)
+        with torch.inference_mode():
+            w = ds.weights(model, cache)
+            logits = model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)[:, -1]
+            for _ in range(tokens):
+                logits = ds.decode_step(w, logits.argmax(-1), cache)
+    return run
+
+
+def bench_preset(name: str, tokens: int, steps: int) -> None:
+    torch.manual_seed(0)
+    models = variants(Transformer.from_config(MODEL_PRESETS[name]).eval())
+    fp_bytes = quant.linear_weight_bytes(models["fp32"])
+    fns = {k: decoder(m, tokens) for k, m in models.items()}
+    if quant.HAS_INT8PACK:  # the same int8 model through _weight_int8pack_mm (the default is chunked)
+        fns["int8-aten"] = _with_kernel(fns["int8"], "aten", quant.quant_matmul)
+    times = interleaved_times(fns, CPU, warmup=1, steps=steps)
+    print(f"\n{name}: {sum(p.numel() for p in models['fp32'].parameters()):,} fp32 parameters, "
+          f"batch-1 decode of {tokens} tokens, {steps} interleaved runs, {torch.get_num_threads()} threads")
+    print(f"{'variant':<14}{'lin bytes':>12}{'ratio':>8}{'state':>12}{'tok/s':>9}{'speed vs fp32':>15}")
+    for k, t in times.items():
+        m = models[k.removesuffix("-aten")]
+        lb = quant.linear_weight_bytes(m)
+        print(f"{k:<14}{lb:>12,}{lb / fp_bytes:>8.3f}{state_bytes(m):>12,}{tokens / np.median(t):>9.1f}"
+              f"{paired_speed_ratio(t, times['fp32']):>14.2f}x")
+
+
+def _with_kernel(run, kernel: str, default):
+    """`run` with quant_matmul's int8 kernel forced to `kernel` (the decode step calls it by name)."""
+    def forced() -> None:
+        ds.quant_matmul = lambda x, w: default(x, w, kernel)
+        try:
+            run()
+        finally:
+            ds.quant_matmul = default
+    return forced
+
+
+def bench_perplexity(checkpoint: str, max_tokens: int) -> None:
+    ppl = {}
+    for q in (None, "int8", "int4"):
+        model, tok, path = load_model(checkpoint, device="cpu", quantize=q)
+        data = (read_checkpoint(path).get("train_config") or {}).get("val_data")
+        found = [c for c in (Path(data), *(p / data for p in path.parents)) if c.is_file()]
+        tokens = load_tokens(str(found[0]), tok, model.config.vocab_size, max_tokens)
+        ppl[q or "fp32"] = evaluate_tokens(model, tokens)["perplexity"]
+    print(f"\nperplexity on {len(tokens):,} validation tokens of {path}:")
+    for k, v in ppl.items():
+        print(f"  {k:<6}{v:10.4f}  {v / ppl['fp32']:.4f}x fp32")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="*", default=["tinystories", "small"])
+    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per timed run")
+    p.add_argument("--steps", type=int, default=5, help="interleaved timed runs per variant")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="trained checkpoint: also compare perplexity")
+    p.add_argument("--max-tokens", type=int, default=None, help="validation tokens for perplexity")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, _weight_int8pack_mm {'present' if quant.HAS_INT8PACK else 'absent'}")
+    for name in args.presets:
+        bench_preset(name, args.tokens, args.steps)
+    if args.checkpoint:
+        bench_perplexity(args.checkpoint, args.max_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
