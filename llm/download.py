@@ -76,7 +76,8 @@ def _fmt_time(s: float) -> str:
 
 
 class _Progress:
-    """A one-line progress bar on stderr: percent, bytes, MB/s over this session, ETA."""
+    """A one-line progress bar on stderr: percent, bytes, MB/s over this session, ETA, and a caller's ``extra``
+    (e.g. documents per second) at the end."""
 
     def __init__(self, name: str, total: int | None, start: int, enabled: bool) -> None:
         self.name, self.total, self.start, self.enabled = name, total, start, enabled
@@ -84,7 +85,7 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.last_pct = -1
 
-    def update(self, done: int, final: bool = False) -> None:
+    def update(self, done: int, final: bool = False, extra: str = "") -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -100,6 +101,7 @@ class _Progress:
             line = f"{self.name} [{bar}] {frac:6.1%} {_fmt_bytes(done)}/{_fmt_bytes(self.total)} {rate / 1e6:.1f} MB/s ETA {eta_s}"
         else:
             line = f"{self.name} {_fmt_bytes(done)} {rate / 1e6:.1f} MB/s"
+        line += f" {extra}" if extra else ""
         print(("\r" + line + " " * 4) if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
 
 
