@@ -9,7 +9,8 @@ Layout of a prepared directory (see data/README.md)::
 CLI::
 
     uv run -m llm.data generate --out data/demo/stories.txt [--size-mb 5 --seed 0]
-    uv run -m llm.data prepare --input FILE --vocab-size N --out DIR [--val-fraction 0.05 | --val-input FILE]
+    uv run -m llm.data prepare --input FILE|DIR|GLOB [--input ...] --vocab-size N --out DIR [--val-fraction 0.05 | --val-input FILE]
+        [--doc-sep eot|blank-line] [--text-field text] [--text-column text] [--skip-bad]
     uv run -m llm.data demo                        # generate + prepare data/demo (what training runs)
     uv run -m llm.data download tinystories|owt [--out data/] [--url URL]
 """
@@ -29,7 +30,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
 from llm.fileio import check_writable, replacing, write_text
 from llm.stories import GENERATOR_VERSION, generate_stories
+from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs, split_stream, stream_contains
 
 try:
     import fcntl
@@ -218,27 +220,13 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 def iter_documents(path: str | os.PathLike, separator: str) -> Iterator[str]:
     """Stream the non-empty documents of a text file split on ``separator`` (whitespace-stripped)."""
-    buf = ""
     with open(path, encoding="utf-8", newline="") as f:
-        while block := f.read(1 << 23):
-            buf += block
-            parts = buf.split(separator)
-            buf = parts.pop()  # the tail may continue in the next block
-            for doc in parts:
-                if doc := doc.strip():
-                    yield doc
-    if doc := buf.strip():
-        yield doc
+        yield from split_stream(f, separator)
 
 
 def _file_contains(path: Path, needle: str) -> bool:
-    tail = ""
     with open(path, encoding="utf-8", newline="") as f:
-        while block := f.read(1 << 23):
-            if needle in tail + block:
-                return True
-            tail = block[-len(needle) :]
-    return False
+        return stream_contains(f, needle)
 
 
 def split_documents(
@@ -392,7 +380,7 @@ def load_meta(out_dir: str | os.PathLike) -> dict:
 
 
 def prepare(
-    input_path: str | os.PathLike,
+    input_path: str | os.PathLike | list[str | os.PathLike],
     out_dir: str | os.PathLike,
     vocab_size: int,
     val_fraction: float = 0.05,
@@ -401,8 +389,15 @@ def prepare(
     special_tokens: tuple[str, ...] | list[str] = (EOT,),
     num_workers: int | None = None,
     quiet: bool = False,
+    source_options: SourceOptions | None = None,
 ) -> dict:
-    """Text file -> tokenizer + ``train.npy`` / ``val.npy`` + ``meta.json`` in ``out_dir``.
+    """Text -> tokenizer + ``train.npy`` / ``val.npy`` + ``meta.json`` in ``out_dir``.
+
+    ``input_path``: one path or a list of files, directories (walked recursively, sorted) and globs, in
+    any of the formats of llm.text_sources (.txt, .jsonl, .json, .csv, .tsv, optionally .gz/.xz/.bz2/.zst),
+    read as ``source_options`` says. A single uncompressed .txt with the default options is read in
+    place; anything else is first streamed into DIR/source.txt (step 0, "gather": bounded memory, see
+    llm.text_sources), whose fingerprint covers every input's path, size and mtime and the options.
 
     Steps: (1) split whole documents into train/val text (skipped with ``val_input``), (2) train the
     BPE tokenizer on the training text only (no val leakage into merges), (3) encode train, (4) encode
@@ -411,15 +406,20 @@ def prepare(
     present (idempotent), and an interrupted run redoes only the unfinished steps. ``force`` redoes all.
     Returns ``load_meta(out_dir)``.
     """
-    src = Path(input_path)
     out = Path(out_dir)
-    _check_prepare_args(src, val_input, vocab_size, val_fraction, special_tokens, num_workers)
+    options = source_options or SourceOptions()
+    specs = list(input_path) if isinstance(input_path, (list, tuple)) else [input_path]
+    files = resolve_inputs(specs, exclude=out)
+    src = files[0] if len(files) == 1 and is_plain_text(files[0]) and options == SourceOptions() else out / "source.txt"
+    _check_prepare_args(val_input, vocab_size, val_fraction, special_tokens, num_workers, options)
     check_writable(out, what="out", is_dir=True)
     t_start = time.perf_counter()
     with _dir_lock(out):
         state_path = out / ".prepare_state.json"
         state = {} if force or not state_path.exists() else json.loads(state_path.read_text())
-        _Prepare(src, out, vocab_size, val_fraction, val_input, list(special_tokens), num_workers, quiet, state).run()
+        gathered = files if src == out / "source.txt" else []
+        _Prepare(src, out, vocab_size, val_fraction, val_input, list(special_tokens), num_workers, quiet, state,
+                 inputs=gathered, options=options).run()
     meta = load_meta(out)
     _log(
         f"prepare: {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']}, "
@@ -427,20 +427,24 @@ def prepare(
         f"({time.perf_counter() - t_start:.1f}s)",
         quiet,
     )
+    if meta.get("skipped_bad_records"):
+        first = "; ".join(json.loads((out / ".gather.json").read_text())["bad_examples"][:1])
+        _log(f"prepare: skipped {meta['skipped_bad_records']:,} bad record(s) (--skip-bad); first: {first}", quiet)
     return meta
 
 
 def _check_prepare_args(
-    src: Path,
     val_input: str | os.PathLike | None,
     vocab_size: int,
     val_fraction: float,
     special_tokens: tuple[str, ...] | list[str],
     num_workers: int | None,
+    options: SourceOptions,
 ) -> None:
-    """prepare's arguments, checked before anything is written: one line saying what is wrong."""
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: input text file not found")
+    """prepare's arguments, checked before anything is written: one line saying what is wrong
+    (the inputs themselves are checked by resolve_inputs)."""
+    if options.doc_sep not in (None, *DOC_SEPS):
+        raise ValueError(f"doc_sep must be one of {', '.join(DOC_SEPS)}, got {options.doc_sep!r}")
     if val_input is not None and not Path(val_input).is_file():
         raise FileNotFoundError(f"{val_input}: validation text file not found")
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
@@ -474,8 +478,13 @@ class _Prepare:
     train_sha: str = field(init=False)
     val_sha: str = field(init=False)
     tok_fp: dict = field(init=False)
+    inputs: list[Path] = field(default_factory=list)  # files gathered into src (DIR/source.txt); empty: src is the input
+    options: SourceOptions = field(default_factory=SourceOptions)
+    inputs_fp: dict | None = None  # the gather step's fingerprint, when there is one
 
     def run(self) -> None:
+        if self.inputs:
+            self.gather()
         self.source_sha = sha256_file(self.src)
         if self.val_input is None:
             self.train_txt, self.val_txt = self.out / "train.txt", self.out / "val.txt"
@@ -514,8 +523,20 @@ class _Prepare:
     def split(self) -> None:
         """Step 1 as a step: train.txt / val.txt and .split.json, whose document counts are read back either way."""
         fp = {"source_sha256": self.source_sha, "val_fraction": self.val_fraction, "separator": self.separator, "seed": 0}
+        if self.inputs_fp is not None:  # gathered: the inputs and format options too, not only the text they made
+            fp["inputs"] = self.inputs_fp
         self.step("split", fp, [self.train_txt, self.val_txt, self.out / ".split.json"], self.write_split)
         self.split_info = json.loads((self.out / ".split.json").read_text())
+
+    def gather(self) -> None:
+        """Step 0: every input's documents into DIR/source.txt (and counts into DIR/.gather.json)."""
+        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.inputs]
+        self.inputs_fp = {"files": files, "options": asdict(self.options), "separator": self.separator}
+        self.step("gather", self.inputs_fp, [self.src, self.out / ".gather.json"], self.write_gather)
+
+    def write_gather(self) -> None:
+        info = gather(self.inputs, self.src, self.separator, self.options, progress=not self.quiet)
+        _write_json_atomic(self.out / ".gather.json", info)
 
     def write_split(self) -> None:
         info = split_documents(self.src, self.train_txt, self.val_txt, self.val_fraction, self.separator)
@@ -594,7 +615,13 @@ class _Prepare:
             "val_source_sha256": self.val_sha if given else None,
             "val_fraction": None if given else self.val_fraction,
             "split_seed": None if given else 0,
+            "input_files": len(self.inputs) or 1,
+            "skipped_bad_records": self.gather_info().get("skipped_bad", 0),
         }
+
+    def gather_info(self) -> dict:
+        path = self.out / ".gather.json"
+        return json.loads(path.read_text()) if self.inputs and path.exists() else {}
 
 
 def ensure_demo_data(
@@ -652,7 +679,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("prepare", help="split, train the tokenizer, encode to train.npy/val.npy + meta.json")
-    p.add_argument("--input", required=True, help="training text (documents separated by a line <|endoftext|>)")
+    p.add_argument("--input", required=True, action="append",
+                   help="training text: a file, directory or glob (repeatable); .txt .jsonl .json .csv .tsv, "
+                        "optionally .gz/.xz/.bz2/.zst (see docs/data.md)")
+    p.add_argument("--doc-sep", choices=DOC_SEPS, default=None,
+                   help="how .txt documents are separated (default: a line <|endoftext|> when present, else blank lines)")
+    p.add_argument("--text-field", default="text", help="JSON key holding the text (default text; 'messages' lists are joined)")
+    p.add_argument("--text-column", default="text", help="CSV/TSV column holding the text (default text)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted and reported) instead of stopping")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, required=True)
     grp = p.add_mutually_exclusive_group()
@@ -682,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = prepare(
                 args.input, args.out, args.vocab_size, val_fraction=args.val_fraction, val_input=args.val_input,
                 force=args.force, special_tokens=tuple(args.special_token or (EOT,)), num_workers=args.num_workers,
+                source_options=SourceOptions(args.doc_sep, args.text_field, args.text_column, args.skip_bad),
             )
             print(json.dumps(meta, indent=2))
         elif args.cmd == "demo":
