@@ -607,7 +607,7 @@ def load_model(checkpoint: StrPath, *, device: str | torch.device | None = None,
     model = Transformer.from_config(cfg, device=device_from_name(None if device is None else str(device)))
     _load_weights(model, ckpt, path, quantize)
     model.eval()
-    tok_dir = _find_tokenizer_dir(tokenizer_dir or ckpt.get("tokenizer_dir"), path)
+    tok_dir = find_tokenizer_dir(tokenizer_dir or ckpt.get("tokenizer_dir"), path)
     try:
         tokenizer = BpeTokenizer.load(tok_dir)
     except Exception as e:
@@ -629,7 +629,7 @@ def checkpoint_or_default_run(checkpoint: StrPath | None) -> Path:
     return run
 
 
-def _find_tokenizer_dir(given: StrPath | None, ckpt_path: Path) -> Path:
+def find_tokenizer_dir(given: StrPath | None, ckpt_path: Path) -> Path:
     if given is None:
         raise ValueError(f"{ckpt_path} records no tokenizer_dir; pass --tokenizer-dir DIR")
     given = Path(given)
