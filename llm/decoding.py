@@ -54,12 +54,19 @@ class GenerationOptions:
     use_cache: bool = True  # False: recompute the whole window every step (for comparison)
     on_slide: Callable[[int, int], None] | None = None  # on_slide(kept, dropped) when the window slides
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ignore_eos: bool = False  # go on past <|endoftext|> (it is printed) up to max_new_tokens
+    min_new_tokens: int = 0  # <|endoftext|> cannot be sampled before this many new tokens
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {n!r}")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        m = self.min_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= n:
+            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={n}], got {m!r}")
+        if (self.ignore_eos or m) and self.sampling.num_beams > 1:
+            raise ValueError("--ignore-eos / --min-new-tokens are for sampling and greedy decoding, not beam search")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> GenerationOptions:
@@ -166,6 +173,8 @@ def iter_tokens(
     vocab_limit: int | None = None,
     on_slide: Callable[[int, int], None] | None = None,
     on_logits: Callable[[Tensor], None] | None = None,
+    eos_id: int | None = None,
+    min_new_tokens: int = 0,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (b,) int64, `max_new_tokens` times (the caller stops early).
 
@@ -173,6 +182,7 @@ def iter_tokens(
     right end and `attention_mask` hides the padding; positions count real tokens only, so each row sees
     exactly what it would see alone. `vocab_limit` forbids ids >= it (a model vocab padded past the
     tokenizer's). `on_slide(kept, dropped)` reports a window slide; `on_logits` sees each step's raw logits.
+    `eos_id` cannot be sampled in the first `min_new_tokens` steps (its logit is set to −inf).
     """
     model.eval()
     device = model_device(model)
@@ -189,7 +199,7 @@ def iter_tokens(
     cur, start = longest, 0  # tokens so far; first column the model sees
     cache, cache_start = None, -1
     keep = window_keep(ctx)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if cur - start > ctx:
             start = cur - keep
             if on_slide is not None:
@@ -207,6 +217,8 @@ def iter_tokens(
         else:  # decode: only the newest token goes through the model
             logits = last_logits(model, seq[:, cur - 1 : cur], mask, cache)
         _limit_vocab(logits, vocab_limit)
+        if eos_id is not None and step < min_new_tokens:
+            logits[:, eos_id] = float("-inf")
         if on_logits is not None:
             on_logits(logits)
         nxt = sample_next(logits, cfg, generator, context_counts, generated_counts)
@@ -362,6 +374,8 @@ def stream(model: torch.nn.Module, tokenizer, prompt: str, options: GenerationOp
     limit = check_compatible(model, tokenizer)
     if opts.sampling.num_beams > 1:  # the search must finish before its best hypothesis is known
         return iter(beam_texts(model, tokenizer, prompt, opts)[:1])
+    if (opts.ignore_eos or opts.min_new_tokens) and eos_id_of(tokenizer) is None:
+        raise ValueError("--ignore-eos / --min-new-tokens need a tokenizer with <|endoftext|>")
     return _stream(model, tokenizer, ids, opts, limit)
 
 
@@ -370,11 +384,12 @@ def _stream(model, tokenizer, ids: list[int], opts: GenerationOptions, limit: in
     text = TextStream(token_bytes_fn(tokenizer), opts.stop)
     gen = _generator(opts.seed, model_device(model))
     steps = iter_tokens(model, [ids], opts.sampling, max_new_tokens=opts.max_new_tokens, generator=gen,
-                        use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide)
+                        use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide, eos_id=eos,
+                        min_new_tokens=opts.min_new_tokens)
     try:
         for nxt in steps:
             tok = int(nxt[0])
-            if tok == eos:
+            if tok == eos and not opts.ignore_eos:
                 break
             piece = text.push(tok)
             if piece:
@@ -431,12 +446,13 @@ def generate_batch(model: torch.nn.Module, tokenizer, prompts: Sequence[str], op
     done = [False] * len(prompts)
     gen = _generator(opts.seed, model_device(model))
     steps = iter_tokens(model, ids, opts.sampling, max_new_tokens=opts.max_new_tokens, generator=gen,
-                        use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide)
+                        use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide, eos_id=eos,
+                        min_new_tokens=opts.min_new_tokens)
     for nxt in steps:
         for i, tok in enumerate(nxt.tolist()):
             if done[i]:
                 continue
-            if tok == eos:
+            if tok == eos and not opts.ignore_eos:
                 done[i] = True
             else:
                 streams[i].push(tok)

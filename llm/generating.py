@@ -44,6 +44,9 @@ def build_parser() -> Parser:
     add_tokenizer_dir(p, "tokenizer directory (default: the one recorded in the checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past <|endoftext|> to --max-new-tokens (long samples, decode benchmarks)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="<|endoftext|> cannot end the text before this")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--num-samples", type=int, default=1, help="completions generated together in one batch")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -87,7 +90,10 @@ def options_from_args(args) -> GenerationOptions:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, num_beams=args.num_beams, length_penalty=args.length_penalty,
     )
-    return GenerationOptions(args.max_new_tokens, args.stop, args.seed, not args.no_cache, None, sampling)
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens must be in [0, --max-new-tokens={args.max_new_tokens}], got {args.min_new_tokens}")
+    return GenerationOptions(args.max_new_tokens, args.stop, args.seed, not args.no_cache, None, sampling,
+                             ignore_eos=args.ignore_eos, min_new_tokens=args.min_new_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -169,6 +169,22 @@ def test_max_new_tokens_bounds_the_completion() -> None:
     assert generate(model, byte_tokenizer(), "x", max_new_tokens=4) == "abcd"
 
 
+def test_ignore_eos_goes_on_and_min_new_tokens_forbids_an_early_end() -> None:
+    """--ignore-eos prints <|endoftext|> and continues to max_new_tokens; --min-new-tokens sets its logit to
+    −inf for the first N steps (the scripted model wants it at step 2: greedy then takes the best other id, 0)."""
+    tok = byte_tokenizer()
+    model = ScriptedModel(script_of("ab", [EOT_ID]) + script_of("cd"))
+    assert generate(model, tok, "x", max_new_tokens=5, temperature=0) == "ab"
+    assert generate(model, tok, "x", max_new_tokens=5, temperature=0, ignore_eos=True) == "ab<|endoftext|>cd"
+    assert generate(model, tok, "x", max_new_tokens=5, temperature=0, min_new_tokens=3) == "ab\x00cd"
+    assert generate(model, tok, "x", max_new_tokens=5, temperature=0, min_new_tokens=2) == "ab"
+    assert generate_batch(model, tok, ["x"], max_new_tokens=5, temperature=0, ignore_eos=True) == ["ab<|endoftext|>cd"]
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(model, tok, "x", max_new_tokens=5, min_new_tokens=6)
+    with pytest.raises(ValueError, match="beam search"):
+        generate(model, tok, "x", max_new_tokens=5, num_beams=2, ignore_eos=True)
+
+
 def test_text_stream_flushes_an_incomplete_character_at_the_end() -> None:
     s = TextStream(lambda i: bytes([i]))
     assert s.push(0xC3) == ""  # first byte of "é": held back
@@ -344,6 +360,8 @@ def test_stream_rejects_bad_input_before_the_first_piece() -> None:
         (["--prompt", "x", "--top-k", "0"], "top_k must be a positive integer"),
         (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--prompt", "x", "--threads", "0"], "--threads must be >= 1"),
+        (["--prompt", "x", "--max-new-tokens", "3", "--min-new-tokens", "4"], "--min-new-tokens must be in [0, --max-new-tokens=3]"),
+        (["--prompt", "x", "--num-beams", "2", "--ignore-eos"], "not beam search"),
     ],
 )
 def test_cli_bad_settings_one_error_line(run_dir: Path, capsys, extra, message) -> None:
