@@ -37,7 +37,7 @@ from torch import nn
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.config import ModelConfig
 from llm.decoding import check_compatible
-from llm.fileio import replacing
+from llm.fileio import replacing, sha256_of
 from llm.hardware import device_from_name
 from llm.quant import (
     DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, check_record, empty_quantized, load_quantized_state, quantize_model,
@@ -248,11 +248,6 @@ def _detail(e: BaseException) -> str:
     return type(e).__name__
 
 
-def _sha256_of(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verify_checksum(path: StrPath) -> bool:
     """True when `path` matches its .sha256 file, False when it has none (written before checksums existed);
     CheckpointError naming the file when it does not match."""
@@ -266,7 +261,7 @@ def verify_checksum(path: StrPath) -> bool:
         raise CheckpointError(f"checkpoint {path} is corrupt: cannot read its checksum file ({e})") from None
     if not recorded or not re.fullmatch(r"[0-9a-f]{64}", recorded[0]):
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksum file {sidecar.name} holds no sha256")
-    actual = _sha256_of(path)
+    actual = sha256_of(path)
     if actual != recorded[0]:
         raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch (sha256 {actual[:16]}..., "
                               f"{sidecar.name} says {recorded[0][:16]}...)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import mmap
@@ -41,7 +40,7 @@ from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
-from llm.fileio import check_writable, replacing, write_text
+from llm.fileio import check_writable, replacing, sha256_of, write_text
 from llm.stories import GENERATOR_VERSION, generate_stories
 from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs, split_stream, stream_contains
 
@@ -206,11 +205,7 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        _cache[key] = h.hexdigest()
+        _cache[key] = sha256_of(path)
     return _cache[key]
 
 

@@ -13,7 +13,6 @@ server's length, sha256-checked when an expected hash is known, and renamed into
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import json
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.cli import Parser
-from llm.fileio import NoSpaceError, replacing, space_errors, write_text
+from llm.fileio import NoSpaceError, replacing, sha256_of, space_errors, write_text
 
 HF = "https://huggingface.co"
 
@@ -291,14 +290,6 @@ def gunzip_file(src: Path, dest: Path, progress: bool = True) -> int:
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DownloadError(f"{src}: cannot decompress ({e}); delete it and rerun the download") from None
     return n
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_existing(path: Path, expected: str | None, recorded: Path | None = None) -> None:

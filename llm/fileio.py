@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -92,6 +93,12 @@ def replacing(path: StrPath, *, tmp: StrPath | None = None, label: str | None = 
     except BaseException:
         remove(tmp)
         raise
+
+
+def sha256_of(path: StrPath) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (memory stays small whatever the file size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_text(path: StrPath, text: str, encoding: str = "utf-8") -> None:
