@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm.bpe import EOT
 from llm.bpe.gpt2_bytes import token_to_str
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.checkpoint import (
@@ -34,12 +35,10 @@ from llm.cli import Parser, add_tokenizer_dir
 from llm.config import ModelConfig
 from llm.fileio import replacing, write_text
 from llm.run_dir import step_checkpoint_path
-from llm.transformer import Transformer
+from llm.transformer import RMS_NORM_EPS, Transformer
 
-NORM_EPS = 1e-5  # RmsNorm's eps (llm.transformer): not a ModelConfig field, so the only one we can take
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # a sharded checkpoint: {"weight_map": {name: shard file}}
-EOS = "<|endoftext|>"  # the special token that ends our documents, when the tokenizer has it
 # (ours, Hugging Face) names of one block's weights, "{i}" the layer; w1 = gate (silu), w3 = up, w2 = down
 LAYER_KEYS = (
     ("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"), ("attn.v_proj", "self_attn.v_proj"),
@@ -99,13 +98,13 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig, src: Path) -> d
 
 def hf_config(cfg: ModelConfig, tokenizer: BpeTokenizer | None) -> dict:
     """config.json of LlamaForCausalLM for `cfg` (rope theta written both ways: transformers 4 and 5)."""
-    eos = tokenizer.token_id(EOS) if tokenizer is not None and EOS in tokenizer.special_tokens else None
+    eos = tokenizer.token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.context_length, "rms_norm_eps": NORM_EPS,
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": RMS_NORM_EPS,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "torch_dtype": "float32",
@@ -131,8 +130,8 @@ def check_hf_config(hf: dict, src: Path) -> None:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // max(heads, 1)
     if head_dim * heads != hf["hidden_size"]:
         raise _unsupported(src, "head_dim", head_dim, "hidden_size / num_attention_heads")
-    if abs(float(hf.get("rms_norm_eps", NORM_EPS)) - NORM_EPS) > 1e-12:
-        raise _unsupported(src, "rms_norm_eps", hf["rms_norm_eps"], f"{NORM_EPS}")
+    if abs(float(hf.get("rms_norm_eps", RMS_NORM_EPS)) - RMS_NORM_EPS) > 1e-12:
+        raise _unsupported(src, "rms_norm_eps", hf["rms_norm_eps"], f"{RMS_NORM_EPS}")
 
 
 def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
@@ -174,7 +173,7 @@ def tokenizer_json(tok: BpeTokenizer) -> dict:
 
 def write_tokenizer(tok: BpeTokenizer, out: Path, context_length: int) -> None:
     """tokenizer.json and the tokenizer_config.json that makes AutoTokenizer use it."""
-    eos = EOS if EOS in tok.special_tokens else None
+    eos = EOT if EOT in tok.special_tokens else None
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
               "bos_token": eos, "eos_token": eos, "add_bos_token": False, "clean_up_tokenization_spaces": False}
     write_text(out / "tokenizer.json", json.dumps(tokenizer_json(tok), ensure_ascii=False))

@@ -99,10 +99,13 @@ class Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
+RMS_NORM_EPS = 1e-5  # every RmsNorm of the model (exported as Llama's rms_norm_eps)
+
+
 class RmsNorm(nn.Module):
     """x / rms(x) · g over the last dim, computed in float32 and cast back; g starts at ones."""
 
-    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+    def __init__(self, d_model: int, eps: float = RMS_NORM_EPS, device=None, dtype=None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
