@@ -169,7 +169,8 @@ def train_loop(run: Run, state: LoopState, result: TrainResult, end_step: int) -
             # One all-reduce carries the loss and "someone got a signal", so every rank stops at the same step.
             signalled = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=run.device)
             packed = all_reduce_sum(torch.stack([loss_sum, signalled]), info)  # (2,): summed over the W ranks
-            step_loss = float(packed[0]) / (cfg.grad_accum * info.world_size)
+            loss_total, signals = packed.tolist()  # one device-to-host read for both
+            step_loss = loss_total / (cfg.grad_accum * info.world_size)
             check_step(run, state, step_loss, grad_norm)  # on the weights of state.step, before the update
             t_c = run.clock()
             run.scaler.step(run.optimizer)  # fp16: skips the update if the gradients overflowed
@@ -187,12 +188,12 @@ def train_loop(run: Run, state: LoopState, result: TrainResult, end_step: int) -
             t_aside = time.perf_counter()
             if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
                 run_eval(run, state, result)
-            stopping = packed[1].item() > 0 or state.step == end_step
+            stopping = signals > 0 or state.step == end_step
             if (cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0) or stopping:
                 state.last_ckpt = save(run, state, result) or state.last_ckpt
                 barrier(info)  # nobody races ahead (or exits) while rank 0 writes
             state.window.leave_out(time.perf_counter() - t_aside)  # tokens/s counts training steps only
-            if packed[1].item() > 0:
+            if signals > 0:
                 result.interrupted = True
                 break
     result.loop_seconds = time.perf_counter() - loop_t0
