@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llm.fileio import write_text
+from llm.fileio import write_json, write_text
 from llm.hardware import device_from_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +250,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj, default=str)
 
 
 def machine_info(device: torch.device) -> dict[str, object]:

@@ -40,7 +40,7 @@ from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
-from llm.fileio import check_writable, replacing, sha256_of, write_text
+from llm.fileio import check_writable, replacing, sha256_of, write_json, write_text
 from llm.stories import GENERATOR_VERSION, generate_stories
 from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs, split_stream, stream_contains
 
@@ -207,10 +207,6 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
     if key not in _cache:
         _cache[key] = sha256_of(path)
     return _cache[key]
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def iter_documents(path: str | os.PathLike, separator: str) -> Iterator[str]:
@@ -505,10 +501,10 @@ class _Prepare:
         _log(f"prepare: {name} ...", self.quiet)
         state_path = self.out / ".prepare_state.json"
         self.state.pop(name, None)
-        _write_json_atomic(state_path, self.state)  # a crash mid-step must not leave a stale "done"
+        write_json(state_path, self.state)  # a crash mid-step must not leave a stale "done"
         fn()
         self.state[name] = fingerprint
-        _write_json_atomic(state_path, self.state)
+        write_json(state_path, self.state)
         _log(f"prepare: {name}: done in {time.perf_counter() - t0:.1f}s", self.quiet)
 
     @property
@@ -531,11 +527,11 @@ class _Prepare:
 
     def write_gather(self) -> None:
         info = gather(self.inputs, self.src, self.separator, self.options, progress=not self.quiet)
-        _write_json_atomic(self.out / ".gather.json", info)
+        write_json(self.out / ".gather.json", info)
 
     def write_split(self) -> None:
         info = split_documents(self.src, self.train_txt, self.val_txt, self.val_fraction, self.separator)
-        _write_json_atomic(self.out / ".split.json", info)
+        write_json(self.out / ".split.json", info)
 
     def train_tokenizer(self) -> None:
         vocab, merges = train_bpe(
@@ -581,7 +577,7 @@ class _Prepare:
         if eot_id is not None and meta["train_documents"] is None:
             meta["train_documents"] = int(counts[eot_id])
             meta["val_documents"] = int(np.count_nonzero(np.asarray(val) == eot_id))
-        _write_json_atomic(self.out / "meta.json", meta)
+        write_json(self.out / "meta.json", meta)
 
     def corpus_stats(self, train: np.ndarray, val: np.ndarray, counts: np.ndarray) -> dict:
         """meta.json's sizes: tokens, text bytes, bytes per token, documents, unigram entropy, vocabulary use."""
@@ -657,7 +653,7 @@ def ensure_demo_stories(
             _log(f"ensure_demo_data: generating {size_mb} MB of synthetic stories (seed {seed}) -> {stories}", quiet)
             stats = generate_stories(stories, size_mb=size_mb, seed=seed, progress=not quiet)
             stats["sha256"] = sha256_file(stories)
-            _write_json_atomic(info_path, stats)
+            write_json(info_path, stats)
     return stories
 
 

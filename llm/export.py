@@ -33,7 +33,7 @@ from llm.checkpoint import (
 )
 from llm.cli import Parser, add_tokenizer_dir
 from llm.config import ModelConfig
-from llm.fileio import replacing, write_text
+from llm.fileio import replacing, write_json, write_text
 from llm.run_dir import step_checkpoint_path
 from llm.transformer import RMS_NORM_EPS, Transformer
 
@@ -177,7 +177,7 @@ def write_tokenizer(tok: BpeTokenizer, out: Path, context_length: int) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
               "bos_token": eos, "eos_token": eos, "add_bos_token": False, "clean_up_tokenization_spaces": False}
     write_text(out / "tokenizer.json", json.dumps(tokenizer_json(tok), ensure_ascii=False))
-    write_text(out / "tokenizer_config.json", json.dumps(config, indent=1) + "\n")
+    write_json(out / "tokenizer_config.json", config, indent=1)
 
 
 def _json(path: Path) -> dict:
@@ -201,9 +201,9 @@ def export_checkpoint(checkpoint: Path, out: Path, tokenizer_dir: str | None = N
     with replacing(out / WEIGHTS) as tmp:  # all or nothing, like every file this project writes
         save_file(to_hf_state(ckpt["model"], cfg), str(tmp), metadata={"format": "pt"})
     config = hf_config(cfg, tok)
-    write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
+    write_json(out / "config.json", config, indent=1)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}
-    write_text(out / "generation_config.json", json.dumps(gen, indent=1) + "\n")
+    write_json(out / "generation_config.json", gen, indent=1)
     if tok is not None:
         write_tokenizer(tok, out, cfg.context_length)
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -105,6 +106,11 @@ def write_text(path: StrPath, text: str, encoding: str = "utf-8") -> None:
     """Write `text` to `path` atomically, with the permissions the process umask gives (unlike mkstemp's 0600)."""
     with replacing(path) as tmp, open(tmp, "x", encoding=encoding) as f:
         f.write(text)
+
+
+def write_json(path: StrPath, obj: object, *, indent: int = 2, **dumps) -> None:
+    """`obj` as JSON (indented, newline-terminated) written atomically by write_text."""
+    write_text(path, json.dumps(obj, indent=indent, **dumps) + "\n")
 
 
 def check_writable(path: StrPath, *, what: str, is_dir: bool) -> None:

@@ -28,7 +28,7 @@ from llm.bpe.encode_file import token_dtype
 from llm.bpe.gpt2_bytes import str_to_token, token_to_str
 from llm.bpe.piece_table import PieceTable, chars_to_ids
 from llm.bpe.pretokenize import pretokenize, rfind_cut, special_splitter
-from llm.fileio import write_text
+from llm.fileio import write_json, write_text
 
 CONFIG_NAME = "tokenizer_config.json"
 _CACHE_LIMIT = 1 << 18  # entries kept per cache; cleared when full so memory stays bounded
@@ -345,7 +345,7 @@ class BpeTokenizer:
         }
         write_text(d / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
         write_text(d / "merges.txt", merges_txt)
-        write_text(d / CONFIG_NAME, json.dumps(config, ensure_ascii=False, indent=1) + "\n")
+        write_json(d / CONFIG_NAME, config, indent=1, ensure_ascii=False)
         return d
 
     @classmethod
