@@ -40,7 +40,7 @@ from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
-from llm.fileio import check_writable, replacing, sha256_of, write_json, write_text
+from llm.fileio import check_writable, replacing, sha256_of, write_json
 from llm.stories import GENERATOR_VERSION, generate_stories
 from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs, split_stream, stream_contains
 
