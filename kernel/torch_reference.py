@@ -6,7 +6,8 @@ weights load into both and the logits must agree.
 Architecture (as ours): token embedding → L × [x + attn(rms_norm(x)), x + ffn(rms_norm(x))] → rms_norm →
 lm_head. Attention: q/k/v/output projections without bias, RoPE on adjacent pairs (x[2k], x[2k+1]) rotated
 by pos / theta^(2k/d_head), causal `F.scaled_dot_product_attention`, grouped-query heads when
-num_kv_heads < num_heads. FFN: SwiGLU w2(silu(w1 x) * w3 x). RMSNorm eps 1e-5. Optional tied embeddings.
+num_kv_heads < num_heads. FFN: SwiGLU w2(silu(w1 x) * w3 x). RMSNorm eps rms_norm_eps (default 1e-5).
+Optional tied embeddings.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln1 = RMSNorm(cfg.d_model)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, cfg.context_length, cfg.rope_theta)
-        self.ln2 = RMSNorm(cfg.d_model)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,7 @@ class TorchTransformer(nn.Module):
         rope_theta: float = 10000.0,
         num_kv_heads: int | None = None,
         tie_embeddings: bool = False,
+        rms_norm_eps: float = 1e-5,
         device=None,
         dtype=None,
     ) -> None:
@@ -114,10 +116,11 @@ class TorchTransformer(nn.Module):
         self.config = cfg = ModelConfig(
             vocab_size=vocab_size, context_length=context_length, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
             d_ff=d_ff, rope_theta=rope_theta, num_kv_heads=num_kv_heads, tie_embeddings=tie_embeddings,
+            rms_norm_eps=rms_norm_eps,
         )
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(num_layers))
-        self.ln_final = RMSNorm(d_model)
+        self.ln_final = RMSNorm(d_model, rms_norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self._init_weights()
         if tie_embeddings:

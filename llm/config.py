@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 
 # How `llm.transformer.Transformer` computes the model: "fast" (llm/fast) or "reference" (only llm/ops).
 IMPLS = ("fast", "reference")
+RMS_NORM_EPS = 1e-5  # the default epsilon of every RmsNorm (Llama's rms_norm_eps; some models use 1e-6)
 
 
 def check_impl(impl: str) -> None:
@@ -33,6 +34,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     num_kv_heads: int | None = None
     tie_embeddings: bool = False
+    rms_norm_eps: float = RMS_NORM_EPS  # checkpoints saved before this field existed load with this default
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -52,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,10 +32,10 @@ from llm.checkpoint import (
     save_checkpoint,
 )
 from llm.cli import Parser, add_tokenizer_dir
-from llm.config import ModelConfig
+from llm.config import RMS_NORM_EPS, ModelConfig
 from llm.fileio import replacing, write_json, write_text
 from llm.run_dir import step_checkpoint_path
-from llm.transformer import RMS_NORM_EPS, Transformer
+from llm.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # a sharded checkpoint: {"weight_map": {name: shard file}}
@@ -104,7 +104,7 @@ def hf_config(cfg: ModelConfig, tokenizer: BpeTokenizer | None) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.context_length, "rms_norm_eps": RMS_NORM_EPS,
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "torch_dtype": "float32",
@@ -130,8 +130,9 @@ def check_hf_config(hf: dict, src: Path) -> None:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // max(heads, 1)
     if head_dim * heads != hf["hidden_size"]:
         raise _unsupported(src, "head_dim", head_dim, "hidden_size / num_attention_heads")
-    if abs(float(hf.get("rms_norm_eps", RMS_NORM_EPS)) - RMS_NORM_EPS) > 1e-12:
-        raise _unsupported(src, "rms_norm_eps", hf["rms_norm_eps"], f"{RMS_NORM_EPS}")
+    eps = hf.get("rms_norm_eps", RMS_NORM_EPS)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise _unsupported(src, "rms_norm_eps", eps, "a positive number")
 
 
 def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
@@ -145,6 +146,7 @@ def model_config_from_hf(hf: dict, src: Path) -> ModelConfig:
             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
             rope_theta=float(theta), num_kv_heads=None if kv == hf["num_attention_heads"] else kv,  # None: plain MHA, as ours
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", RMS_NORM_EPS)),
         )
     except KeyError as e:
         raise ValueError(f"{src}: config.json has no {e.args[0]}") from None

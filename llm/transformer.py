@@ -24,7 +24,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from llm.config import ModelConfig, check_impl, default_d_ff
+from llm.config import RMS_NORM_EPS, ModelConfig, check_impl, default_d_ff
 from llm.fast.attention import causal_attention
 from llm.fast.cross_entropy import linear_cross_entropy
 from llm.fast.flash_attention import flash_attention
@@ -99,7 +99,6 @@ class Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-RMS_NORM_EPS = 1e-5  # every RmsNorm of the model (exported as Llama's rms_norm_eps)
 
 
 class RmsNorm(nn.Module):
@@ -373,14 +372,15 @@ class TransformerBlock(nn.Module):
         dtype=None,
         attn_impl: str = "auto",
         impl: str = "fast",
+        eps: float = RMS_NORM_EPS,
     ) -> None:
         super().__init__()
-        self.ln1 = RmsNorm(d_model, device=device, dtype=dtype)
+        self.ln1 = RmsNorm(d_model, eps, device=device, dtype=dtype)
         self.attn = MultiHeadAttention(
             d_model, num_heads, max_seq_len, theta, num_kv_heads, device=device, dtype=dtype, attn_impl=attn_impl,
             impl=impl,
         )
-        self.ln2 = RmsNorm(d_model, device=device, dtype=dtype)
+        self.ln2 = RmsNorm(d_model, eps, device=device, dtype=dtype)
         self.ffn = FFN(d_model, d_ff, device=device, dtype=dtype, impl=impl)
 
     def forward(
@@ -417,6 +417,7 @@ class Transformer(nn.Module):
         rope_theta: float = 10000.0,
         num_kv_heads: int | None = None,
         tie_embeddings: bool = False,
+        rms_norm_eps: float = RMS_NORM_EPS,
         attn_impl: str = "auto",
         device=None,
         dtype=None,
@@ -435,6 +436,7 @@ class Transformer(nn.Module):
             rope_theta=rope_theta,
             num_kv_heads=num_kv_heads,
             tie_embeddings=tie_embeddings,
+            rms_norm_eps=rms_norm_eps,
         )  # validates: d_model % num_heads, num_heads % num_kv_heads, positive sizes
         cfg = self.config
         self.vocab_size, self.context_length = vocab_size, context_length
@@ -442,11 +444,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(
                 d_model, num_heads, cfg.d_ff, context_length, rope_theta, num_kv_heads,
-                device=device, dtype=dtype, attn_impl=attn_impl, impl=impl,
+                device=device, dtype=dtype, attn_impl=attn_impl, impl=impl, eps=rms_norm_eps,
             )
             for _ in range(num_layers)
         )
-        self.ln_final = RmsNorm(d_model, device=device, dtype=dtype)
+        self.ln_final = RmsNorm(d_model, rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
         if tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight

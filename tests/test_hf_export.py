@@ -61,9 +61,10 @@ def test_export_loads_in_transformers_with_our_logits(tf, tmp_path, name):
 
 
 def _hf_model(tf, tmp_path, **kw):
+    kw = {"rms_norm_eps": 1e-5, **kw}
     cfg = tf.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      rms_norm_eps=1e-5, rope_theta=1000.0, **kw)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rope_theta=1000.0, **kw)
     torch.manual_seed(0)
     hf = tf.LlamaForCausalLM(cfg).eval()
     for p in hf.parameters():
@@ -89,6 +90,39 @@ def test_import_matches_transformers_logits_and_greedy_text(tf, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
         assert _greedy(model, ids, 20) == _greedy(lambda x: hf(x).logits, ids, 20)
+
+
+def test_import_carries_rms_norm_eps(tf, tmp_path):
+    """A Llama with rms_norm_eps 1e-6 imports with that eps: logits within 1e-4. Embeddings are scaled so
+    that mean(x²) is near eps, where the default 1e-5 would give clearly different logits."""
+    hf, src = _hf_model(tf, tmp_path, rms_norm_eps=1e-6)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(0.01)
+    hf.save_pretrained(src)
+    path = import_hf(src, tmp_path / "run")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["model_config"]["rms_norm_eps"] == 1e-6
+    model = Transformer.from_config(ModelConfig.from_dict(ckpt["model_config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    default_eps = Transformer.from_config(ModelConfig.from_dict({**ckpt["model_config"], "rms_norm_eps": 1e-5}))
+    default_eps.load_state_dict(ckpt["model"])
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=0)
+        assert (default_eps.eval()(ids) - want).abs().max() > 1e-2  # the eps is what the test checks
+    export_checkpoint(path, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["rms_norm_eps"] == 1e-6
+
+
+def test_checkpoint_without_rms_norm_eps_loads_with_the_default(tmp_path, tokenizer_dir):
+    """model_config written before the field existed: the default eps, 1e-5."""
+    cfg = ModelConfig(vocab_size=300, context_length=64, d_model=32, num_layers=1, num_heads=4, d_ff=64)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "rms_norm_eps"}
+    save_checkpoint(Transformer.from_config(cfg), None, 1, tmp_path / "old.pt",
+                    extra={"model_config": old, "tokenizer_dir": str(tokenizer_dir)})
+    model, _, _ = load_model(tmp_path / "old.pt", device="cpu")
+    assert model.config.rms_norm_eps == 1e-5 and model.ln_final.eps == 1e-5 and model.layers[0].ln2.eps == 1e-5
 
 
 def test_export_then_import_is_bit_identical(tmp_path):
