@@ -4,7 +4,8 @@
                                                  with a tokenizer, tokenizer.json + tokenizer_config.json),
                                                  which transformers' AutoModelForCausalLM / AutoTokenizer load
     --import DIR --out runs/imported             a Llama directory (model.safetensors, sharded or not, and
-                                                 config.json) into a checkpoint of ours (load_model reads it)
+                                                 config.json) into a checkpoint of ours (load_model reads it);
+                                                 a byte-level BPE tokenizer.json into runs/imported/tokenizer
 
 The model is a Llama (pre-norm RMSNorm, SwiGLU, RoPE, optional GQA, no biases), so the conversion is a
 renaming of the weights plus one permutation. RoPE: we rotate adjacent pairs (x[2k], x[2k+1]), Llama in
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm.bpe import EOT
-from llm.bpe.gpt2_bytes import token_to_str
+from llm.bpe.gpt2_bytes import str_to_token, token_to_str
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.checkpoint import (
     CheckpointError, checkpoint_or_default_run, find_tokenizer_dir, read_checkpoint, resolve_checkpoint,
@@ -182,6 +183,66 @@ def write_tokenizer(tok: BpeTokenizer, out: Path, context_length: int) -> None:
     write_json(out / "tokenizer_config.json", config, indent=1)
 
 
+def _not_byte_level(src: Path, what: str) -> ValueError:
+    return ValueError(f"{src / 'tokenizer.json'}: {what}, not GPT-2 style byte-level BPE; "
+                      "pass --tokenizer-dir DIR with a tokenizer of ours")
+
+
+def check_byte_level(tj: dict, src: Path) -> None:
+    """One line naming what makes a tokenizer.json other than the byte-level BPE we encode exactly as
+    `tokenizers` does: a BPE model on the GPT-2 regex pre-tokenizer (ByteLevel, no prefix space), a
+    ByteLevel decoder, no normalizer, no byte fallback or word affixes."""
+    model, pre, dec = tj.get("model") or {}, tj.get("pre_tokenizer") or {}, tj.get("decoder") or {}
+    checks = (
+        (model.get("type") == "BPE", f"its model is {model.get('type')!r}"),
+        (tj.get("normalizer") is None, f"it has a {(tj.get('normalizer') or {}).get('type')!r} normalizer"),
+        (pre.get("type") == "ByteLevel", f"its pre_tokenizer is {pre.get('type')!r}"),
+        (pre.get("use_regex", True) and not pre.get("add_prefix_space", False),
+         "its ByteLevel pre_tokenizer has use_regex off or add_prefix_space on"),
+        (dec.get("type") == "ByteLevel", f"its decoder is {dec.get('type')!r}"),
+        (not model.get("byte_fallback") and not model.get("continuing_subword_prefix")
+         and not model.get("end_of_word_suffix"), "its BPE model uses byte_fallback or word affixes"),
+    )
+    for ok, what in checks:
+        if not ok:
+            raise _not_byte_level(src, what)
+    for t in tj.get("added_tokens") or []:
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            raise _not_byte_level(src, f"added token {t.get('content')!r} strips spaces or matches single words")
+
+
+def tokenizer_from_json(tj: dict, src: Path) -> BpeTokenizer:
+    """Our tokenizer for a byte-level BPE tokenizer.json (the inverse of tokenizer_json): its vocabulary and
+    merges, its added tokens as our special tokens with their ids."""
+    check_byte_level(tj, src)
+    try:
+        vocab = {int(i): str_to_token(t) for t, i in tj["model"]["vocab"].items()}
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tj["model"]["merges"]]
+        if any(len(m) != 2 for m in merges):
+            raise ValueError("a merge is not a pair of tokens")
+        merges = [(str_to_token(a), str_to_token(b)) for a, b in merges]
+        added = {t["content"]: int(t["id"]) for t in tj.get("added_tokens") or []}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{src / 'tokenizer.json'}: unreadable BPE model ({type(e).__name__}: {e})") from None
+    for s, i in added.items():
+        vocab[i] = s.encode("utf-8")
+    tok = BpeTokenizer(vocab, merges, list(added))
+    moved = [s for s, i in added.items() if tok.token_id(s) != i]
+    if moved:
+        raise _not_byte_level(src, f"added token {moved[0]!r} shares its id with a regular token")
+    return tok
+
+
+def import_tokenizer(src: Path, out: Path, vocab_size: int) -> str | None:
+    """SRC/tokenizer.json as our tokenizer directory OUT/tokenizer (its path); None when SRC has none."""
+    if not (src / "tokenizer.json").is_file():
+        return None
+    tok = tokenizer_from_json(_json(src / "tokenizer.json"), src)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"{src}: tokenizer.json has {tok.vocab_size} tokens but the model only {vocab_size}")
+    return str(tok.save(out / "tokenizer"))
+
+
 def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -224,12 +285,16 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(src: Path, out: Path, tokenizer_dir: str | None = None) -> Path:
-    """Our checkpoint (OUT/checkpoints/step_0000000.pt) from the Llama directory `src`; returns its path."""
+    """Our checkpoint (OUT/checkpoints/step_0000000.pt) from the Llama directory `src`; returns its path.
+    The tokenizer it records: `tokenizer_dir` when given, else SRC/tokenizer.json imported into OUT/tokenizer
+    (byte-level BPE only), else none."""
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} is not a Hugging Face model directory (no config.json)")
     cfg = model_config_from_hf(_json(src / "config.json"), src)
     model = Transformer.from_config(cfg)
     model.load_state_dict(from_hf_state(read_hf_weights(src), cfg, src))  # shapes checked here
+    if tokenizer_dir is None:
+        tokenizer_dir = import_tokenizer(src, out, cfg.vocab_size)
     path = step_checkpoint_path(out, 0)
     extra = {"model_config": cfg.to_dict(), "imported_from": str(src)}
     if tokenizer_dir is not None:
@@ -246,7 +311,8 @@ def build_parser() -> Parser:
                    help="read this Hugging Face Llama directory into a checkpoint of ours instead")
     p.add_argument("--out", alias=("--output",), required=True,
                    help="the directory to write (export) or the run directory (import)")
-    add_tokenizer_dir(p, "tokenizer to export (default: the checkpoint's) or to record in the import")
+    add_tokenizer_dir(p, "tokenizer to export (default: the checkpoint's), or to record in the import "
+                         "(default: the directory's tokenizer.json, converted into OUT/tokenizer)")
     return p
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from llm.bpe.gpt2_bytes import token_to_str
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import train_bpe
 from llm.checkpoint import load_model, save_checkpoint
 from llm.config import ModelConfig
-from llm.export import export_checkpoint, import_hf, main
+from llm.export import export_checkpoint, import_hf, main, tokenizer_from_json
+from llm.generating import main as generating_main
 from llm.transformer import Transformer
 
 EOT = "<|endoftext|>"
@@ -185,3 +188,65 @@ def test_unsupported_config_is_one_line_naming_the_field(tf, tmp_path, capsys, f
     assert main(["--import", str(src), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and field in err and err.startswith("error: ")
+
+
+def _texts(tokenizer_dir) -> list[str]:
+    """The tokenizer's corpus, special tokens in odd places, and random Unicode."""
+    rng = random.Random(0)
+    texts = [(tokenizer_dir / "corpus.txt").read_text(encoding="utf-8")[:3000], f"a{EOT}b {EOT}\n\n  x{EOT}{EOT}"]
+    return texts + ["".join(chr(rng.choice([rng.randrange(32, 0x250), rng.randrange(0x250, 0x3000), 10, 32]))
+                            for _ in range(200)) for _ in range(20)]
+
+
+def test_tokenizer_export_then_import_encodes_the_same(tmp_path, tokenizer_dir, capsys):
+    """tokenizer.json back into our format: same ids on the corpus, random Unicode and special tokens, and
+    the imported run generates from a text prompt with no --tokenizer-dir."""
+    cfg = ModelConfig(vocab_size=300, context_length=64, d_model=32, num_layers=1, num_heads=4, d_ff=64)
+    _, ckpt = _our_checkpoint(tmp_path, cfg, tokenizer_dir)
+    export_checkpoint(ckpt, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    ours, back = BpeTokenizer.load(tokenizer_dir), BpeTokenizer.load(tmp_path / "run" / "tokenizer")
+    assert back.special_tokens == [EOT] and back.token_id(EOT) == ours.token_id(EOT)
+    assert back.vocab == ours.vocab and back.merges == ours.merges
+    for t in _texts(tokenizer_dir):
+        assert back.encode(t) == ours.encode(t)
+        assert back.decode(back.encode(t)) == t
+    capsys.readouterr()
+    assert generating_main(["--checkpoint", str(tmp_path / "run"), "--prompt", "Once upon", "--max-new-tokens", "5",
+                            "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon")
+
+
+def test_gpt2_tokenizer_json_from_tokenizers_imports(tmp_path, tokenizer_dir):
+    """GPT-2's own vocabulary and merges as `tokenizers` writes tokenizer.json (merges as "a b" strings,
+    <|endoftext|> an added token inside the vocabulary): imported, it encodes as `tokenizers` does."""
+    tokenizers = importlib.import_module("tokenizers")
+    gpt2 = Path(__file__).parent / "fixtures" / "gpt2"
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt")))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.add_special_tokens([EOT])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    imported = tokenizer_from_json(json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8")), tmp_path)
+    assert imported.token_id(EOT) == 50256 and imported.vocab_size == 50257
+    for t in _texts(tokenizer_dir):
+        assert imported.encode(t) == hf.encode(t).ids
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"model": {"type": "Unigram", "vocab": []}}, "Unigram"),
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}, "Metaspace"),
+    ({"normalizer": {"type": "NFC"}}, "NFC"),
+    ({"decoder": {"type": "WordPiece"}}, "WordPiece"),
+])
+def test_other_tokenizer_types_are_one_line_saying_pass_tokenizer_dir(tmp_path, capsys, tokenizer_dir, change, named):
+    cfg = ModelConfig(vocab_size=300, context_length=64, d_model=32, num_layers=1, num_heads=4, d_ff=64)
+    _, ckpt = _our_checkpoint(tmp_path, cfg, tokenizer_dir)
+    src = export_checkpoint(ckpt, tmp_path / "hf")
+    tj = json.loads((src / "tokenizer.json").read_text())
+    (src / "tokenizer.json").write_text(json.dumps({**tj, **change}))
+    assert main(["--import", str(src), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "--tokenizer-dir" in err
+    assert not (tmp_path / "run").exists()  # nothing written
+    assert main(["--import", str(src), "--out", str(tmp_path / "run"), "--tokenizer-dir", str(tokenizer_dir)]) == 0
