@@ -1,14 +1,19 @@
 """Checkpoints: atomic save, safe (weights_only) load, RNG state, and run-directory helpers.
 
-A checkpoint is one `torch.save`d dict: {"model": state_dict, "optimizer": state_dict | None,
-"iteration": int, **extra}. Everything in it is a type `torch.load(weights_only=True)` accepts
-(tensors, numbers, strings, None, lists, tuples, dicts), so loading never runs pickled code.
+A checkpoint is one dict: {"model": state_dict, "optimizer": state_dict | None, "iteration": int, **extra}.
+Everything in it is a type `torch.load(weights_only=True)` accepts (tensors, numbers, strings, None, lists,
+tuples, dicts), so loading never runs pickled code. It is stored in one of two formats, chosen by the file
+name: X.pt is the dict `torch.save`d; X.safetensors holds its tensors and X.json the rest
+(llm.checkpoint_safetensors), no pickle at all. Both load into the same dict.
 
-Run-directory layout: RUN_DIR/checkpoints/step_0000100.pt (one per save) and RUN_DIR/checkpoints/best.pt.
+Run-directory layout: RUN_DIR/checkpoints/step_0000100.pt (one per save) and RUN_DIR/checkpoints/best.pt
+(or .safetensors with their .json).
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target with
 os.replace, so a crash (even kill -9) at any moment leaves either the old file or the new one, never half.
 Beside each checkpoint X.pt lies X.pt.sha256 (`sha256sum` format) with the digest of the bytes written;
 every load by path verifies it, so a file damaged later on disk is refused instead of yielding NaN weights.
+A safetensors checkpoint's JSON is written last and records the tensor file's sha256: a pair that does not
+belong together (a crash between the writes) is refused too.
 RUN_DIR/checkpoints/retired/<timestamp>/ holds what a rewind or a divergence set aside (moved, never deleted).
 """
 
@@ -34,7 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as safetensors_bytes
+
 from llm.bpe.tokenizer import BpeTokenizer
+from llm.checkpoint_safetensors import SIDECAR_FORMAT, join_tensors, sidecar_path, split_tensors
 from llm.config import ModelConfig
 from llm.decoding import check_compatible
 from llm.fileio import replacing, sha256_of
@@ -47,7 +57,9 @@ from llm.transformer import Transformer
 
 StrPath = str | os.PathLike[str]
 CORE_KEYS = ("model", "optimizer", "iteration")
-STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+FORMATS = ("pt", "safetensors")  # the file suffix selects the format
+STEP_RE = re.compile(r"^step_(\d+)\.(?:pt|safetensors)$")
+SIDECAR_RE = re.compile(r"^(?:step_\d+|best)\.json$")  # the JSON of a safetensors checkpoint
 TMP_PREFIX = ".tmp-"  # temp files: .tmp-<target name>-<random>; never matched by STEP_RE
 CHECKSUM_SUFFIX = ".sha256"  # X.pt -> X.pt.sha256
 EXPLODED = 1e3  # max |weight| this many times its value at the start (or 1, if larger): a diverged model
@@ -150,10 +162,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], T], *, stale: Path | None = None) -> T:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], T], *, stale: Path | Iterable[Path] | None = None) -> T:
     """`write(f)` into a temp file in `path`'s directory, fsync, then os.replace over `path`
     (llm.fileio.replacing: readers see the old file or the new one, never part of one; any failure removes
-    the temp file, and a full disk is one NoSpaceError line naming `path`). `stale` (a file describing the
+    the temp file, and a full disk is one NoSpaceError line naming `path`). `stale` (files describing the
     old content, such as its checksum) is removed just before the swap, so it never vouches for the new
     file. Returns write's result."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +175,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], T], *, stale: Path | 
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
-        if stale is not None:
-            stale.unlink(missing_ok=True)
+        for p in [stale] if isinstance(stale, Path) else stale or ():
+            p.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return result
 
@@ -209,6 +221,32 @@ def atomic_torch_save(obj: Any, path: StrPath) -> Path:
     return path
 
 
+def is_safetensors(path: StrPath) -> bool:
+    """Whether `path` names a checkpoint in the safetensors format (by its suffix)."""
+    return Path(path).suffix == ".safetensors"
+
+
+def companion_files(path: StrPath) -> list[Path]:
+    """The files that belong to checkpoint `path`: its checksum, and a safetensors checkpoint's JSON."""
+    return [checksum_path(path)] + ([sidecar_path(path)] if is_safetensors(path) else [])
+
+
+def atomic_safetensors_save(payload: dict[str, Any], path: StrPath) -> Path:
+    """A checkpoint dict as PATH (.safetensors: its tensors), PATH.sha256, and PATH's JSON (everything else),
+    each written atomically and the JSON last: it records the tensor file's sha256, so it vouches only for the
+    tensors written with it. The old checksum and JSON go just before the new tensors replace the old ones.
+    The file's bytes are built in memory first (one copy of the tensors), so they are hashed as written."""
+    path = Path(path)
+    skeleton, tensors = split_tensors(payload)
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    digest = hashlib.sha256(data).hexdigest()
+    _atomic_write(path, lambda f: f.write(data), stale=companion_files(path))
+    _atomic_write(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    state = {"format": SIDECAR_FORMAT, "tensors": path.name, "tensors_sha256": digest, "checkpoint": skeleton}
+    _atomic_write(sidecar_path(path), lambda f: f.write((json.dumps(state, indent=1) + "\n").encode()))
+    return path
+
+
 def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -219,7 +257,8 @@ def save_checkpoint(
 ) -> None:
     """Save model weights (wrapper prefixes removed), optimizer state and iteration, plus `extra` keys.
 
-    `out` is a path (written atomically) or a binary file object (written as is, CS336 style).
+    `out` is a path (written atomically; X.safetensors in the safetensors format, anything else with
+    torch.save) or a binary file object (torch.save, written as is, CS336 style).
     """
     extra = extra or {}
     clash = [k for k in extra if k in CORE_KEYS]
@@ -233,7 +272,7 @@ def save_checkpoint(
     payload.update(_safe(extra, "extra"))
     payload["optimizer"] = _safe(payload["optimizer"], "optimizer state")
     if isinstance(out, (str, os.PathLike)):
-        atomic_torch_save(payload, out)
+        (atomic_safetensors_save if is_safetensors(out) else atomic_torch_save)(payload, out)
     else:
         torch.save(payload, out)
 
@@ -268,17 +307,12 @@ def verify_checksum(path: StrPath) -> bool:
     return True
 
 
-def read_checkpoint(src: StrPath | IO[bytes]) -> dict[str, Any]:
-    """Load a checkpoint dict onto the CPU with weights_only=True, after verifying its checksum (paths);
-    one clear error if it is not one."""
-    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-        raise CheckpointNotFoundError(f"checkpoint not found: {src}")
-    if isinstance(src, (str, os.PathLike)):
-        verify_checksum(src)
+def _torch_load(src: StrPath | IO[bytes]) -> Any:
+    """torch.load(weights_only=True) onto the CPU; CheckpointError with one line for anything else."""
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols; we raise instead
             warnings.simplefilter("ignore")
-            ckpt = torch.load(src, map_location="cpu", weights_only=True)
+            return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():  # a class/function reference: code weights_only will not run
             raise CheckpointError(
@@ -287,6 +321,51 @@ def read_checkpoint(src: StrPath | IO[bytes]) -> dict[str, Any]:
         raise CheckpointError(f"not a checkpoint or corrupted: {src} ({_detail(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
         raise CheckpointError(f"not a checkpoint or corrupted: {src} ({_detail(e)})") from None
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """The JSON state of safetensors checkpoint `path`; CheckpointError when it is missing or unreadable."""
+    sidecar = sidecar_path(path)
+    try:
+        state = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: its state file {sidecar.name} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {sidecar.name} ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("checkpoint"), dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {sidecar.name} holds no checkpoint state")
+    return state
+
+
+def _read_safetensors(path: Path, verified: bool) -> dict[str, Any]:
+    """A safetensors checkpoint (tensors + JSON) as its dict. `verified`: its .sha256 matched (so the digest
+    recorded there is the file's); the JSON must name that digest, else it belongs to other tensors."""
+    state = _read_sidecar(path)
+    digest = checksum_path(path).read_text().split()[0] if verified else sha256_of(path)
+    if state.get("tensors_sha256") != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {sidecar_path(path).name} was written with other "
+                              f"tensors (sha256 {str(state.get('tensors_sha256'))[:16]}..., file {digest[:16]}...)")
+    try:
+        tensors = load_safetensors(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"not a checkpoint or corrupted: {path} ({_detail(e)})") from None
+    try:
+        return join_tensors(state["checkpoint"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {sidecar_path(path).name} names tensor {e} "
+                              "that the file lacks") from None
+
+
+def read_checkpoint(src: StrPath | IO[bytes]) -> dict[str, Any]:
+    """Load a checkpoint dict onto the CPU (weights_only=True, or safetensors + JSON), after verifying its
+    checksum (paths); one clear error if it is not one."""
+    if isinstance(src, (str, os.PathLike)):
+        if not Path(src).is_file():
+            raise CheckpointNotFoundError(f"checkpoint not found: {src}")
+        verified = verify_checksum(src)
+        ckpt = _read_safetensors(Path(src), verified) if is_safetensors(src) else _torch_load(src)
+    else:
+        ckpt = _torch_load(src)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"not a checkpoint or corrupted: {src} (no 'model' entry)")
     return ckpt
@@ -430,19 +509,28 @@ def latest_checkpoint(directory: StrPath) -> Path | None:
     return files[-1][1] if files else None
 
 
+def best_checkpoint(directory: Path) -> Path | None:
+    """DIR/best.pt or DIR/best.safetensors (the newer when a run switched formats); None when neither."""
+    found = [p for p in (directory / "best.pt", directory / "best.safetensors") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def resolve_checkpoint(path: StrPath) -> Path:
-    """A checkpoint file → itself; a run or checkpoints dir → its best.pt if present, else the newest step file."""
+    """A checkpoint file → itself; a run or checkpoints dir → its best checkpoint (best.pt or best.safetensors)
+    if present, else the newest step file."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     directory = _checkpoint_dir(path)
-    if (directory / "best.pt").is_file():
-        return directory / "best.pt"
+    best = best_checkpoint(directory)
+    if best is not None:
+        return best
     latest = latest_checkpoint(directory)
     if latest is None:
-        raise CheckpointNotFoundError(f"no checkpoint in {path} (looked for best.pt and step_*.pt in {directory})")
+        raise CheckpointNotFoundError(f"no checkpoint in {path} (looked for best.pt and step_*.pt in {directory}, "
+                                      "or their .safetensors)")
     return latest
 
 
@@ -461,19 +549,21 @@ def latest_intact_checkpoint(directory: StrPath) -> tuple[Path | None, list[str]
 
 
 def prune_checkpoints(directory: StrPath, keep_last: int, *, keep: Iterable[StrPath] = ()) -> list[Path]:
-    """Delete all but the newest `keep_last` step_*.pt files with their checksums (best.pt and the paths in
-    `keep` are always kept), checksum files whose checkpoint is gone, and temp files left by interrupted
-    saves (call this from the one process that writes checkpoints). Returns the removed paths."""
+    """Delete all but the newest `keep_last` step_*.pt (.safetensors) files with their checksums and JSON
+    (best.* and the paths in `keep` are always kept), checksum and JSON files whose checkpoint is gone, and
+    temp files left by interrupted saves (call this from the one process that writes checkpoints). Returns
+    the removed paths."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
     directory = _checkpoint_dir(directory)
     kept = {Path(p).resolve() for p in keep}
     files = _step_files(directory)
     doomed = [p for _, p in files[: max(len(files) - keep_last, 0)] if p.resolve() not in kept]
-    doomed += [checksum_path(p) for p in doomed if checksum_path(p).is_file()]
+    doomed += [c for p in doomed for c in companion_files(p) if c.is_file()]
     if directory.is_dir():
         for p in directory.iterdir():
             orphan = p.name.endswith(CHECKSUM_SUFFIX) and not p.with_name(p.name[: -len(CHECKSUM_SUFFIX)]).exists()
+            orphan |= bool(SIDECAR_RE.match(p.name)) and not p.with_suffix(".safetensors").exists()
             if (p.name.startswith(TMP_PREFIX) or orphan) and p.is_file() and p not in doomed:
                 doomed.append(p)
     for p in doomed:
@@ -482,8 +572,11 @@ def prune_checkpoints(directory: StrPath, keep_last: int, *, keep: Iterable[StrP
 
 
 def checkpoint_step(path: StrPath) -> int | None:
-    """The iteration a checkpoint was saved at, read without loading its tensors (mmap); None if unreadable."""
+    """The iteration a checkpoint was saved at, read without loading its tensors (mmap, or the JSON of a
+    safetensors checkpoint); None if unreadable."""
     try:
+        if is_safetensors(path):
+            return int(_read_sidecar(Path(path))["checkpoint"]["iteration"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -524,25 +617,25 @@ def _new_retired_dir(directory: Path) -> Path:
 def retire_checkpoints(directory: StrPath, after_step: int, *, metrics: StrPath | None = None
                        ) -> tuple[Path | None, list[str]]:
     """Move what lies beyond `after_step` out of the way, deleting nothing: step files with a larger step,
-    best.pt when it was saved after that step (or cannot be read), each with its checksum, into
+    best.pt (.safetensors) when saved after that step (or unreadable), each with its checksum (and JSON), into
     DIR/retired/<timestamp>/, and copy there (as metrics.jsonl) the records of `metrics` after that step
     (the live log is trimmed by its writer). Returns (that folder, one label per thing retired), or
     (None, []) when nothing lay beyond `after_step`."""
     directory = _checkpoint_dir(directory)
     later = [(p, p.name) for s, p in _step_files(directory) if s > after_step]
-    best = directory / "best.pt"
-    if best.is_file():
-        step = checkpoint_step(best)
+    for best in (directory / "best.pt", directory / "best.safetensors"):
+        step = checkpoint_step(best) if best.is_file() else after_step
         if step is None or step > after_step:
-            later.append((best, f"best.pt (step {step})" if step is not None else "best.pt (unreadable)"))
+            later.append((best, f"{best.name} (step {step})" if step is not None else f"{best.name} (unreadable)"))
     tail = split_jsonl_by_step(Path(metrics), after_step)[1] if metrics is not None else []
     if not later and not tail:
         return None, []
     dest = _new_retired_dir(directory)
     for p, _ in later:
         os.replace(p, dest / p.name)
-        if checksum_path(p).is_file():
-            os.replace(checksum_path(p), dest / checksum_path(p).name)
+        for c in companion_files(p):
+            if c.is_file():
+                os.replace(c, dest / c.name)
     if tail:
         _atomic_write(dest / "metrics.jsonl", lambda f: f.write("".join(t + "\n" for t in tail).encode()))
     _fsync_dir(directory)

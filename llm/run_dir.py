@@ -4,6 +4,7 @@
     RUN_DIR/config.json             the effective TrainConfig
     RUN_DIR/metrics.jsonl           llm.metrics.MetricsLog
     RUN_DIR/checkpoints/step_NNNNNNN.pt, best.pt     (+ .sha256 each; llm.checkpoint writes them atomically)
+                                    or .safetensors (+ .sha256 and .json) with --checkpoint-format safetensors
     RUN_DIR/checkpoints/retired/<timestamp>/         what a rewind or a divergence moved aside (never deleted)
 
 Which checkpoint a --resume means, what a fresh start may replace, which files a rewind retires, and the
@@ -20,8 +21,10 @@ import torch
 from torch import nn
 
 from llm.checkpoint import (
+    STEP_RE,
     Divergence,
     capture_rng_state,
+    companion_files,
     latest_checkpoint,
     latest_intact_checkpoint,
     prune_checkpoints,
@@ -38,8 +41,9 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def step_checkpoint_path(out_dir: str | Path, step: int) -> Path:
-    return checkpoint_dir(out_dir) / f"step_{step:07d}.pt"
+def step_checkpoint_path(out_dir: str | Path, step: int, fmt: str = "pt") -> Path:
+    """RUN_DIR/checkpoints/step_NNNNNNN.<fmt> (fmt "pt" or "safetensors": the file's format)."""
+    return checkpoint_dir(out_dir) / f"step_{step:07d}.{fmt}"
 
 
 def find_latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -93,8 +97,10 @@ def clear_earlier_run(out_dir: str, info: DistInfo, log: Callable[[str], None]) 
     """--overwrite, once the new run's inputs checked out: rank 0 removes the earlier run's checkpoints."""
     if info.is_main:
         log(f"--overwrite: removing the earlier run's checkpoints in {checkpoint_dir(out_dir)}")
-        for p in checkpoint_dir(out_dir).glob("*.pt"):
-            p.unlink()
+        for p in checkpoint_dir(out_dir).iterdir():
+            if STEP_RE.match(p.name) or p.name in ("best.pt", "best.safetensors"):
+                for f in (p, *companion_files(p)):
+                    f.unlink(missing_ok=True)
     barrier(info)
 
 
@@ -143,8 +149,12 @@ def save_run_checkpoint(cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
     }
     if scaler.is_enabled():
         extra["scaler"] = scaler.state_dict()
-    path = checkpoint_dir(cfg.out_dir) / "best.pt" if best else step_checkpoint_path(cfg.out_dir, step)
+    fmt = cfg.checkpoint_format
+    path = checkpoint_dir(cfg.out_dir) / f"best.{fmt}" if best else step_checkpoint_path(cfg.out_dir, step, fmt)
     save_checkpoint(model, optimizer, step, path, extra=extra)
+    twin = path.with_suffix(".pt" if fmt == "safetensors" else ".safetensors")  # a run that switched formats
+    for f in (twin, *companion_files(twin)):
+        f.unlink(missing_ok=True)
     if not best:
         prune_checkpoints(checkpoint_dir(cfg.out_dir), max(1, cfg.keep_last), keep=[last_ckpt] if last_ckpt else [])
     return path

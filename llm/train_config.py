@@ -24,6 +24,7 @@ from typing import Any
 from llm.config import MODEL_PRESETS, ModelConfig, check_impl, model_preset
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CHECKPOINT_FORMATS = ("pt", "safetensors")
 
 
 def _help(default: Any, text: str) -> Any:
@@ -62,6 +63,8 @@ class TrainConfig:
     checkpoint_interval: int = _help(500, "0: checkpoint only at the end (and on interrupt)")
     keep_last: int = _help(
         2, "newest step checkpoints kept (best.pt and the last one shown healthy are kept besides)")
+    checkpoint_format: str = _help(
+        "pt", "pt (torch.save, loaded weights_only) | safetensors (tensors + a JSON of the rest: no pickle at all)")
     seed: int = 0
     # hardware
     device: str = _help("auto", "auto | cpu | cuda | cuda:N | mps")
@@ -101,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got {self.checkpoint_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_impl(self.impl)

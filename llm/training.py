@@ -45,7 +45,7 @@ from llm.fileio import check_writable
 from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
-from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
+from llm.train_config import CHECKPOINT_FORMATS, DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
 from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
 
@@ -104,6 +104,9 @@ def _load_tokenizer(tok_dir: str | None) -> Any:
 
 
 # -------------------------------------------------------------------------------------------------- CLI
+CHOICES = {"dtype": DTYPES, "checkpoint_format": CHECKPOINT_FORMATS}  # fields whose flag takes one of these
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -126,8 +129,8 @@ def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, sk
             kw["metavar"] = base.upper()
             if "None" in ann:
                 kw["type"] = _optional(kw["type"])
-        if f.name == "dtype":
-            kw["choices"] = DTYPES
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
             kw.pop("metavar")
         help_text = f.metadata.get("help", "")
         kw["help"] = f"{help_text} (demo: {getattr(example, f.name)!r})".strip().replace("%", "%%")
