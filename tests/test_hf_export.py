@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernel import benchmarking_hf
 from llm.bpe.gpt2_bytes import token_to_str
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import train_bpe
@@ -250,3 +251,29 @@ def test_other_tokenizer_types_are_one_line_saying_pass_tokenizer_dir(tmp_path, 
     assert err.count("\n") == 1 and named in err and "--tokenizer-dir" in err
     assert not (tmp_path / "run").exists()  # nothing written
     assert main(["--import", str(src), "--out", str(tmp_path / "run"), "--tokenizer-dir", str(tokenizer_dir)]) == 0
+
+
+def test_benchmark_runs_and_reports_equal_perplexities(tf, tmp_path, capsys):
+    """kernel/benchmarking_hf.py end to end on a short run: a table row per shape, perplexities agreeing."""
+    out = tmp_path / "hf.md"
+    argv = ["--shapes", "demo", "--prompt", "4", "--new-tokens", "6", "--repeats", "1", "--ppl-tokens", "200",
+            "--threads", str(torch.get_num_threads()), "--out", str(out)]
+    assert benchmarking_hf.main(argv) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| demo |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[5].strip("*x")) > 0 and float(cells[-1]) < 1e-4
+    assert "ETA" in capsys.readouterr().err
+
+
+def test_benchmark_without_transformers_is_one_line(monkeypatch, capsys):
+    real = importlib.import_module
+
+    def missing(name, *a):
+        if name == "transformers":
+            raise ImportError(name)
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    assert benchmarking_hf.main(["--shapes", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transformers is not installed" in err and "development dependency" in err
