@@ -177,6 +177,8 @@ def report(rows: list[dict], args, tf) -> str:
     lines += ["", f"Perplexity over {rows[0]['ppl_tokens']} scored tokens ({', '.join(sorted({r['ppl_data'] for r in rows}))}), "
               f"disjoint windows of {args.prompt + args.new_tokens}; agreement target: relative difference "
               f"< {PPL_REL_TOL:g}. Decode target: ratio >= 1.5."]
+    if args.note:
+        lines += ["", args.note]
     return "\n".join(lines) + "\n"
 
 
@@ -188,9 +190,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens the perplexity is computed on")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    p.add_argument("--note", default=None, help="a closing note for the results file (the machine's state)")
     p.add_argument("--out", default=str(REPO / "kernel" / "results" / "hf_cpu.md"), help="markdown results file")
     args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.argv = [a for i, a in enumerate(given)  # the command as run, less the note
+                 if not a.startswith("--note") and not (i and given[i - 1] == "--note")]
     if args.prompt < 1 or args.new_tokens < 2 or args.repeats < 1 or args.ppl_tokens < 2:
         p.error("--prompt >= 1, --new-tokens >= 2, --repeats >= 1 and --ppl-tokens >= 2 please")
     return args

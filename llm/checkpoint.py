@@ -37,11 +37,10 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
-from torch import nn
-
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.checkpoint_safetensors import SIDECAR_FORMAT, join_tensors, sidecar_path, split_tensors
@@ -57,7 +56,6 @@ from llm.transformer import Transformer
 
 StrPath = str | os.PathLike[str]
 CORE_KEYS = ("model", "optimizer", "iteration")
-FORMATS = ("pt", "safetensors")  # the file suffix selects the format
 STEP_RE = re.compile(r"^step_(\d+)\.(?:pt|safetensors)$")
 SIDECAR_RE = re.compile(r"^(?:step_\d+|best)\.json$")  # the JSON of a safetensors checkpoint
 TMP_PREFIX = ".tmp-"  # temp files: .tmp-<target name>-<random>; never matched by STEP_RE

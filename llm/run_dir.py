@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from llm.checkpoint import (
-    STEP_RE,
     Divergence,
     capture_rng_state,
     companion_files,
@@ -97,10 +96,10 @@ def clear_earlier_run(out_dir: str, info: DistInfo, log: Callable[[str], None]) 
     """--overwrite, once the new run's inputs checked out: rank 0 removes the earlier run's checkpoints."""
     if info.is_main:
         log(f"--overwrite: removing the earlier run's checkpoints in {checkpoint_dir(out_dir)}")
-        for p in checkpoint_dir(out_dir).iterdir():
-            if STEP_RE.match(p.name) or p.name in ("best.pt", "best.safetensors"):
-                for f in (p, *companion_files(p)):
-                    f.unlink(missing_ok=True)
+        d = checkpoint_dir(out_dir)
+        for p in [*d.glob("*.pt"), *d.glob("*.safetensors")]:
+            for f in (p, *companion_files(p)):
+                f.unlink(missing_ok=True)
     barrier(info)
 
 
