@@ -13,8 +13,8 @@ otherwise: decode speed does not depend on what a model learnt) is exported with
   alternately (order flipping each repeat); the decode time is from the first new token to the last, so
   tokens/s = (NEW_TOKENS - 1) / time; medians over the repeats and the median of the paired ratios.
   Whether both produced the same greedy tokens is reported too (random weights can hold near-ties).
-- perplexity on the same tokens (data/demo/val.npy when present, else seeded random ids), disjoint windows of
-  the context length: ours with llm.evaluate.evaluate_tokens, theirs as transformers' own loss
+- perplexity on the same tokens (data/demo/val.npy with runs/demo's weights, else seeded random ids),
+  disjoint windows of the context length: ours with llm.evaluate.evaluate_tokens, theirs as transformers' own loss
   (`model(ids, labels=...)`) summed over the same windows. They must agree within 1e-4 relative.
 
 The context is set to PROMPT + NEW_TOKENS (16 + 256 by default) so that no window slides in either
@@ -139,7 +139,8 @@ def bench_shape(shape: str, args, tf, tmp: Path, eta: Eta) -> dict:
         progress(f"{shape}: repeat {r + 1}/{args.repeats}, ours {times['ours'][-1]:.2f}s, transformers "
                  f"{times['transformers'][-1]:.2f}s ({eta.tick()})")
     same = next((i for i, (a, b) in enumerate(zip(tokens["ours"], tokens["transformers"])) if a != b), args.new_tokens)
-    data = np.load(DEMO_VAL, mmap_mode="r")[: args.ppl_tokens] if DEMO_VAL.is_file() and shape == "demo" else None
+    real = source != "random" and DEMO_VAL.is_file()  # the demo run's weights: score its validation split
+    data = np.load(DEMO_VAL, mmap_mode="r")[: args.ppl_tokens] if real else None
     if data is None:
         data = np.random.default_rng(2).integers(0, cfg.vocab_size, args.ppl_tokens)
     ours_ppl = evaluate_tokens(model, data, context_length=args.prompt + args.new_tokens,
@@ -152,7 +153,7 @@ def bench_shape(shape: str, args, tf, tmp: Path, eta: Eta) -> dict:
         "ours_tok_s": n / statistics.median(times["ours"]), "hf_tok_s": n / statistics.median(times["transformers"]),
         "ratio": paired_speed_ratio(times["ours"], times["transformers"]), "same_tokens": same,
         "ours_ppl": ours_ppl, "hf_ppl": hf_ppl, "ppl_rel": abs(ours_ppl - hf_ppl) / hf_ppl,
-        "ppl_tokens": len(data) - 1, "ppl_data": "data/demo/val.npy" if shape == "demo" and DEMO_VAL.is_file() else "random ids",
+        "ppl_tokens": len(data) - 1, "ppl_data": "data/demo/val.npy" if real else "random ids",
     }
 
 

@@ -253,8 +253,10 @@ def test_other_tokenizer_types_are_one_line_saying_pass_tokenizer_dir(tmp_path, 
     assert main(["--import", str(src), "--out", str(tmp_path / "run"), "--tokenizer-dir", str(tokenizer_dir)]) == 0
 
 
-def test_benchmark_runs_and_reports_equal_perplexities(tf, tmp_path, capsys):
-    """kernel/benchmarking_hf.py end to end on a short run: a table row per shape, perplexities agreeing."""
+def test_benchmark_runs_and_reports_equal_perplexities(tf, tmp_path, capsys, monkeypatch):
+    """kernel/benchmarking_hf.py end to end on a short run of a tiny model standing in for the demo shape:
+    a table row per shape, perplexities agreeing."""
+    monkeypatch.setattr(benchmarking_hf, "model_preset", lambda name: ModelConfig(**CONFIGS["gqa"].to_dict()))
     out = tmp_path / "hf.md"
     argv = ["--shapes", "demo", "--prompt", "4", "--new-tokens", "6", "--repeats", "1", "--ppl-tokens", "200",
             "--threads", str(torch.get_num_threads()), "--out", str(out)]
