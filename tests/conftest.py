@@ -1,8 +1,26 @@
+import os
+
 import pytest
 import torch
 from syrupy.assertion import SnapshotAssertion
 
+from llm.exercises import install
 from tests.snapshot import RefSnapshot
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """LLM_OPS=<module>: the tests grade a learner's ops instead of ours (llm/exercises.py, docs/exercises.md)."""
+    if spec := os.environ.get("LLM_OPS"):
+        try:
+            config.llm_ops = install(spec)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if names := getattr(config, "llm_ops", None):
+        return f"LLM_OPS={os.environ['LLM_OPS']}: grading the learner's {', '.join(names)}"
+    return None
 
 
 @pytest.fixture
