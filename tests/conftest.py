@@ -17,10 +17,9 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(e)) from None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if names := getattr(config, "llm_ops", None):
-        return f"LLM_OPS={os.environ['LLM_OPS']}: grading the learner's {', '.join(names)}"
-    return None
+        terminalreporter.write_line(f"LLM_OPS={os.environ['LLM_OPS']}: graded the learner's {', '.join(names)}")
 
 
 @pytest.fixture

@@ -107,18 +107,18 @@ GRADED = ["tests/test_ops_softmax.py", "tests/test_bpe.py::test_train_ties_prefe
 def _grade(tmp_path: Path, name: str, source: str) -> subprocess.CompletedProcess:
     (tmp_path / f"{name}.py").write_text(source)
     env = {**os.environ, "LLM_OPS": name, "PYTHONPATH": str(tmp_path)}
-    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", *GRADED]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *GRADED]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_exercise_mode_fails_on_a_wrong_backward_and_passes_on_ours(tmp_path) -> None:
     wrong = _grade(tmp_path, "wrong_ops", WRONG)
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
-    assert "grading the learner's SoftmaxFn, merge_pairs" in wrong.stdout
+    assert "graded the learner's SoftmaxFn, merge_pairs" in wrong.stdout
     for failing in ("test_ops_softmax.py::test_gradcheck", "test_ops_softmax.py::test_matches_f_softmax",
                     "test_bpe.py::test_train_ties_prefer_greatest_pair"):
         assert f"FAILED tests/{failing}" in wrong.stdout, wrong.stdout
     assert "test_stable_for_large_logits" not in wrong.stdout  # the forward is right: its test passes
     ours = _grade(tmp_path, "our_ops", OURS)
     assert ours.returncode == 0, ours.stdout + ours.stderr
-    assert "grading the learner's SoftmaxFn, merge_pairs" in ours.stdout
+    assert "graded the learner's SoftmaxFn, merge_pairs" in ours.stdout
