@@ -24,7 +24,8 @@ from llm.cli import Parser
 from llm.fileio import write_text
 
 ROOT = Path(__file__).resolve().parent
-# (module, exercise names, the test that grades them), from easy to hard
+# (module, exercise names, the test that grades them), from easy to hard; `exercises()` adds any other
+# autograd Function of llm/ops (before the BPE loop), so a new op is an exercise as soon as it lands
 EXERCISES: list[tuple[str, tuple[str, ...], str]] = [
     ("llm.ops.softmax", ("SoftmaxFn",), "tests/test_ops_softmax.py"),
     ("llm.ops.linear", ("LinearFn",), "tests/test_ops_linear.py"),
@@ -53,6 +54,25 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 '''
+
+
+def _functions_in(path: Path) -> tuple[str, ...]:
+    """Names of the classes in `path` that derive from `Function` (read with ast: nothing is imported)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return tuple(n.name for n in tree.body if isinstance(n, ast.ClassDef) and any(ast.unparse(b).endswith("Function") for b in n.bases))
+
+
+def exercises() -> list[tuple[str, tuple[str, ...], str]]:
+    """EXERCISES with every further Function of llm/ops inserted before the last (the BPE merge loop)."""
+    listed = {module for module, _, _ in EXERCISES}
+    extra = []
+    for path in sorted((ROOT / "ops").glob("*.py")):
+        module = f"llm.ops.{path.stem}"
+        if module not in listed and (names := _functions_in(path)):
+            test = next((t for t in (f"tests/test_ops_{path.stem}.py", f"tests/test_{path.stem}.py")
+                         if (ROOT.parent / t).is_file()), f"tests/test_ops_{path.stem}.py")
+            extra.append((module, names, test))
+    return [*EXERCISES[:-1], *extra, EXERCISES[-1]]
 
 
 def _source_path(module: str) -> Path:
@@ -84,7 +104,7 @@ def _exercise(node: ast.ClassDef | ast.FunctionDef, module_doc: str, module: str
 def skeleton(name: str = "my_ops") -> str:
     """The exercise module's text, read from the current sources (see EXERCISES)."""
     parts = [HEADER.format(name=name).rstrip()]
-    for module, names, test in EXERCISES:
+    for module, names, test in exercises():
         tree = ast.parse(_source_path(module).read_text(encoding="utf-8"))
         module_doc = (ast.get_docstring(tree, clean=False) or "").strip().replace("\n", "\n    ")
         found = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef | ast.FunctionDef)}
@@ -118,14 +138,14 @@ def install(spec: str) -> list[str]:
     """Put the learner's exercise names in place of ours (see the module docstring); returns those names."""
     learner = load(spec)
     installed = []
-    for module, names, _ in EXERCISES:
+    for module, names, _ in exercises():
         target = importlib.import_module(module)
         for name in names:
             if hasattr(learner, name):
                 setattr(target, name, getattr(learner, name))
                 installed.append(name)
     if not installed:
-        every = ", ".join(n for _, names, _ in EXERCISES for n in names)
+        every = ", ".join(n for _, names, _ in exercises() for n in names)
         raise ValueError(f"LLM_OPS={spec}: the module defines none of {every}")
     return installed
 
@@ -143,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     if not out.parent.is_dir():
         parser.error(f"--out {args.out}: directory {out.parent} does not exist")
     write_text(out, skeleton(out.stem))
-    n = sum(len(names) for _, names, _ in EXERCISES)
+    n = sum(len(names) for _, names, _ in exercises())
     spec = out.stem if out.parent == Path() else out
     print(f"wrote {out}: {n} exercises; grade one with LLM_OPS={spec} uv run pytest -q tests/test_ops_softmax.py")
 
