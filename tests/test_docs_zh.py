@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # English doc -> its Chinese counterpart
-PAIRS = {f"docs/{name}.md": f"docs/zh/{name}.md" for name in ("tour", "derivations", "exercises", "model", "optim", "tokenizer")}
+PAIRS = {f"docs/{name}.md": f"docs/zh/{name}.md" for name in ("tour", "derivations", "exercises", "model", "optim", "tokenizer", "training")}
 PAGES = ["README.md", "README_cn.md", "docs/glossary.md", *PAIRS, *PAIRS.values()]
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
