@@ -1,6 +1,7 @@
 """docs/tour.md cannot rot: every command line in it is marked `# tested` or `# by hand`, and the tested ones
-run here, exactly as written and in order, in an empty directory (a tiny model: about a minute)."""
+run here with exactly the page's arguments, in order, in an empty directory (a tiny model)."""
 
+import json
 import os
 import re
 import shlex
@@ -48,21 +49,44 @@ def test_every_command_is_marked_and_the_closing_note_counts_them() -> None:
     assert any(c == "uv run -m llm.finetune" for c, _ in commands) and any(c == "uv run -m llm.chat" for c, _ in commands)
 
 
+# Runs the tested commands one after another in one fresh interpreter (one torch import instead of one per
+# command): `-m` modules and scripts through runpy with their argv, `-c` code through exec, each as __main__.
+DRIVER = """
+import json, runpy, sys, traceback
+for argv in json.loads(sys.argv[1]):
+    print("\\n=== " + " ".join(argv[1:]), flush=True)
+    sys.argv = argv[2:] if argv[1] == "-m" else argv[1:]
+    try:
+        if argv[1] == "-m":
+            runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        elif argv[1] == "-c":
+            exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            runpy.run_path(argv[1], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            print(f"=== exit {e.code}", flush=True)
+            sys.exit(1)
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)
+"""
+
+
 def test_tour_commands_run(tmp_path) -> None:
     text = TOUR.read_text(encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     env.pop("LLM_OPS", None)
-    outputs = []
-    for command, mark in tour_commands(text):
-        if mark != "tested":
-            continue
-        done = subprocess.run(argv(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        outputs.append(done.stdout + done.stderr)
-    every = "\n".join(outputs)
+    tested = [argv(command) for command, mark in tour_commands(text) if mark == "tested"]
+    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(tested)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    every = done.stdout + done.stderr
+    assert done.returncode == 0, every[-6000:]
+    assert every.count("\n=== ") == len(tested)
     # what the page tells the reader to look at is what the commands print
     count = re.search(r"parameter count \(([\d,]+) for the `demo` preset\)", text)[1]
     assert f"\n{count.replace(',', '')}\n" in every
+    assert "'Once', ' up', 'on', ' a', ' time'" in every  # step 2's pieces, as the page quotes them
     assert "final val loss" in every and "unigram entropy" in every and "perplexity" in every
     assert (tmp_path / "runs/tour/loss.png").is_file()
     assert (tmp_path / "runs/tour/checkpoints/quantized-int8.pt").is_file()
