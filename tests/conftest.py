@@ -1,8 +1,25 @@
+import os
+
 import pytest
 import torch
 from syrupy.assertion import SnapshotAssertion
 
+from llm.exercises import install
 from tests.snapshot import RefSnapshot
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """LLM_OPS=<module>: the tests grade a learner's ops instead of ours (llm/exercises.py, docs/exercises.md)."""
+    if spec := os.environ.get("LLM_OPS"):
+        try:
+            config.llm_ops = install(spec)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if names := getattr(config, "llm_ops", None):
+        terminalreporter.write_line(f"LLM_OPS={os.environ['LLM_OPS']}: graded the learner's {', '.join(names)}")
 
 
 @pytest.fixture
