@@ -113,7 +113,7 @@ def test_doc_sep_blank_line_and_fingerprint(tmp_path, capsys):
     capsys.readouterr()
     prepare(src, tmp_path / "o", 300, source_options=opts)
     assert "gather: up to date" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="found 1 document"):  # options are in the fingerprint: gathered again
+    with pytest.raises(ValueError, match="found 1 distinct document"):  # options are in the fingerprint: gathered again
         prepare(src, tmp_path / "o", 300, source_options=SourceOptions(doc_sep="eot"))
     assert "gather: done" in capsys.readouterr().err
     assert (tmp_path / "o" / "source.txt").read_text().count(EOT) == 1
