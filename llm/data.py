@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--size-mb", type=float, default=5.0)
     d.add_argument("--seed", type=int, default=0)
 
-    sub.add_parser("download", help="fetch TinyStories / OpenWebText sample (see --help there)", add_help=False)
+    sub.add_parser("download", help="fetch WikiText-2/-103, TinyStories or the OpenWebText sample (see --help there)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["download"]:
