@@ -37,13 +37,20 @@ from llm.bpe import EOT
 from llm.cli import Parser
 from llm.fileio import NoSpaceError, replacing, sha256_of, space_errors, write_text
 
-try:
-    import pyarrow
-    import pyarrow.parquet
-except ImportError:  # optional (the `parquet` extra): the WikiText conversion then stops with a one-line hint
-    pyarrow = None
 
 HF = "https://huggingface.co"
+
+
+def pyarrow_module():
+    """``pyarrow`` with its ``parquet`` module loaded, or None without the optional ``parquet`` extra (then
+    parquet inputs and the WikiText conversion stop with a one-line hint). Imported here, on first use, not at
+    module level: it costs ~50 MB and ~0.5 s that every command importing llm.data would pay."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (loads pyarrow.parquet)
+    except ImportError:
+        return None
+    return pyarrow
 # WikiText at a fixed revision of its Hugging Face repository, so that the pinned sizes and hashes hold.
 _WIKITEXT = f"{HF}/datasets/Salesforce/wikitext/resolve/b08601e04326c79dfdd32d625aee71d232d685c3"
 
@@ -403,6 +410,7 @@ def wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
 
 def _parquet_lines(paths: list[Path], bar: _Progress) -> Iterator[str]:
     """The ``text`` column of parquet files in order, read one record batch at a time."""
+    pyarrow = pyarrow_module()
     done = 0
     for path in paths:
         size = path.stat().st_size
@@ -422,7 +430,7 @@ def _parquet_lines(paths: list[Path], bar: _Progress) -> Iterator[str]:
 def convert_wikitext(parquets: list[Path], dest: Path, progress: bool = True) -> dict:
     """Join WikiText parquet shards (in order: an article may continue into the next shard) into ``dest``:
     one article, then a line ``<|endoftext|>``, per article (atomically). Returns {path, articles, bytes}."""
-    if pyarrow is None:
+    if pyarrow_module() is None:
         raise DownloadError(f"{parquets[0]}: reading WikiText's parquet needs pyarrow: uv sync --extra parquet "
                             "(or pip install pyarrow), then rerun (the download is kept)")
     bar = _Progress(f"convert {dest.name}", sum(p.stat().st_size for p in parquets), 0, progress)
@@ -504,7 +512,7 @@ def _remotes(args) -> list[Remote] | str:
         parts = urllib.parse.urlsplit(u)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             return f"--url {u!r} is not an http(s) URL (e.g. https://host/path/file.txt)"
-    if args.dataset.startswith("wikitext") and pyarrow is None:
+    if args.dataset.startswith("wikitext") and pyarrow_module() is None:
         return f"{args.dataset} comes as parquet, which needs pyarrow: uv sync --extra parquet (or pip install pyarrow)"
     if args.url:
         remotes = [Remote(u, Path(urllib.parse.urlsplit(u).path).name.removesuffix(".gz") or "download") for u in args.url]

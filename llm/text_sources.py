@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from llm.download import _Progress
+from llm.download import _Progress, pyarrow_module
 from llm.fileio import replacing
 
 try:
@@ -35,11 +35,6 @@ try:
 except ImportError:  # optional: .zst inputs then stop with a one-line hint
     zstandard = None
 
-try:
-    import pyarrow
-    import pyarrow.parquet
-except ImportError:  # optional (the `parquet` extra): .parquet inputs then stop with a one-line hint
-    pyarrow = None
 
 FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 PARQUET_HINT = ".parquet needs pyarrow: uv sync --extra parquet (or pip install pyarrow)"
@@ -148,7 +143,7 @@ def _check_format(path: Path) -> None:
     fmt, comp = split_format(path)
     if fmt == ".parquet" and comp is not None:
         raise ValueError(f"{path}: a .parquet file is compressed inside already; unpack the {comp} first")
-    if fmt == ".parquet" and pyarrow is None:
+    if fmt == ".parquet" and pyarrow_module() is None:
         raise ValueError(f"{path}: {PARQUET_HINT}")
     if fmt is None:
         raise ValueError(f"{path}: unknown input format (known: {_formats()})")
@@ -304,6 +299,7 @@ class _Reader:
 
     def parquet_docs(self, raw: IO[bytes]) -> Iterator[str]:
         """The text column, one record batch at a time (pyarrow reads it row group by row group)."""
+        pyarrow = pyarrow_module()
         try:
             pf = pyarrow.parquet.ParquetFile(raw)
         except (pyarrow.ArrowException, OSError) as e:

@@ -150,7 +150,7 @@ def test_malformed_record_names_file_and_line(tmp_path, capsys):
 def test_bad_inputs_are_one_line(tmp_path, name, content, match):
     if match == "zstandard" and llm.text_sources.zstandard is not None:
         pytest.skip("zstandard is installed here")
-    if name == "x.parquet.gz" and llm.text_sources.pyarrow is None:
+    if name == "x.parquet.gz" and llm.text_sources.pyarrow_module() is None:
         pytest.skip("pyarrow (the parquet extra) is not installed")
     (tmp_path / name).write_bytes(content)
     with pytest.raises((ValueError, OSError), match=match):
@@ -171,7 +171,7 @@ def test_parquet_column_errors_and_missing_pyarrow(tmp_path, monkeypatch, capsys
         prepare(tmp_path / "t.parquet", tmp_path / "o", 300, quiet=True, source_options=SourceOptions(text_column="n"))
     with pytest.raises(ValueError, match=r"t.parquet: row 2: null 'body' \(pass --skip-bad"):
         prepare(tmp_path / "t.parquet", tmp_path / "o", 300, quiet=True, source_options=SourceOptions(text_column="body"))
-    monkeypatch.setattr(llm.text_sources, "pyarrow", None)  # as without the extra: one line naming the install
+    monkeypatch.setattr(llm.text_sources, "pyarrow_module", lambda: None)  # as without the extra: one line naming the install
     assert data.main(["prepare", "--input", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "o"), "--vocab-size", "300"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 't.parquet'}: .parquet needs pyarrow: uv sync --extra parquet (or pip install pyarrow)\n"

@@ -276,7 +276,7 @@ def test_unpinned_hash_is_recorded_then_checked(server, tmp_path, monkeypatch, c
 
 
 def test_wikitext_without_pyarrow_is_one_line_before_any_request(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dl, "pyarrow", None)
+    monkeypatch.setattr(dl, "pyarrow_module", lambda: None)
     assert dl.main(["wikitext-103", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("error: wikitext-103 comes as parquet, which needs pyarrow: "
                                        "uv sync --extra parquet (or pip install pyarrow)\n")
