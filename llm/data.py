@@ -39,9 +39,9 @@ from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
+from llm.doc_split import SPLIT_METHODS, split_documents
 from llm.fileio import check_writable, replacing, sha256_of, write_json
 from llm.stories import GENERATOR_VERSION, generate_stories
-from llm.doc_split import SPLIT_METHODS, split_documents
 from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs
 
 try:
@@ -352,6 +352,8 @@ def prepare(
     files = resolve_inputs(specs, exclude=out)
     src = files[0] if len(files) == 1 and is_plain_text(files[0]) and options == SourceOptions() else out / "source.txt"
     _check_prepare_args(val_input, vocab_size, val_fraction, special_tokens, num_workers, options)
+    if split not in (None, *SPLIT_METHODS):
+        raise ValueError(f"split must be one of {', '.join(SPLIT_METHODS)}, got {split!r}")
     check_writable(out, what="out", is_dir=True)
     t_start = time.perf_counter()
     with _dir_lock(out):
@@ -379,8 +381,6 @@ def _split_method(split: str | None, state: dict, quiet: bool) -> str:
     """The split method: as asked, else "hash", except for a directory whose recorded split predates it
     (a "split" fingerprint without "method"): that one keeps its seeded random split, saying so."""
     if split is not None:
-        if split not in SPLIT_METHODS:
-            raise ValueError(f"split must be one of {', '.join(SPLIT_METHODS)}, got {split!r}")
         return split
     if "split" in state and "method" not in state["split"]:
         _log("prepare: split: this directory was split by a seeded random sample; keeping it "
