@@ -1,6 +1,6 @@
 """Measure a CJK-aware pre-tokenizer against GPT-2's on Chinese text: bytes/token and a tiny model's loss.
 
-    uv run python kernel/cjk_pretokenizer.py [--input zh.txt] [--vocab-size 4000] [--steps 400] [--out /tmp/cjk]
+    uv run python kernel/cjk_pretokenizer.py [--input zh.txt] [--vocab-size 4000] [--steps 150] [--out /tmp/cjk]
 
 GPT-2's pattern keeps a run of letters together (`` ?\\p{L}+``), and CJK ideographs are letters written
 without spaces, so a whole Chinese clause (up to the next punctuation mark) is one pre-token and BPE may
@@ -8,7 +8,7 @@ merge across word boundaries inside it. The "cjk" variant cuts GPT-2's pre-token
 Han character, so no token spans two characters.
 
 Both variants use the same documents and the same hash split (llm.doc_split), the same vocabulary size,
-and the same tiny model (d_model 96, 2 layers, 4 heads, context 128, batch 16) trained for the same steps
+and the same tiny model (d_model 96, 2 layers, 4 heads, context 128, batch 8) trained for the same steps
 on CPU (equal compute). Losses per token
 are not comparable across tokenizers, so the script reports validation loss in bits per byte of UTF-8
 text: loss_nats_per_token / ln 2 / val_bytes_per_token (lower is better), from `llm.evaluate` over the
@@ -98,7 +98,7 @@ def _ids(tok: BpeTokenizer, text: str) -> list[int]:
 
 
 MODEL = ["--d-model", "96", "--num-layers", "2", "--num-heads", "4", "--d-ff", "256", "--context-length", "128",
-         "--batch-size", "16", "--lr", "3e-3"]
+         "--batch-size", "8", "--lr", "3e-3"]
 
 
 def train_and_eval(d: Path, vocab_size: int, steps: int, threads: int) -> dict:
@@ -120,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
     ap.add_argument("--vocab-size", type=int, default=4000)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/cjk_pretokenizer"))
     args = ap.parse_args()
