@@ -1,6 +1,6 @@
 """Measure a CJK-aware pre-tokenizer against GPT-2's on Chinese text: bytes/token and a tiny model's loss.
 
-    uv run python kernel/cjk_pretokenizer.py [--input zh.txt] [--vocab-size 4000] [--steps 150] [--out /tmp/cjk]
+    uv run python kernel/cjk_pretokenizer.py [--input zh.txt] [--vocab-size 4000] [--steps 150] [--out DIR]
 
 GPT-2's pattern keeps a run of letters together (`` ?\\p{L}+``), and CJK ideographs are letters written
 without spaces, so a whole Chinese clause (up to the next punctuation mark) is one pre-token and BPE may
@@ -25,6 +25,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,22 +123,21 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/cjk_pretokenizer"))
+    ap.add_argument("--out", type=Path, default=None, help="work directory (default: a new temporary one)")
     args = ap.parse_args()
     if not args.input.is_file():
         sys.exit(f"error: {args.input}: no such file; pass --input zh.txt or apt-get install fortunes-zh")
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="cjk_pretokenizer_"))
     args.out.mkdir(parents=True, exist_ok=True)
     n = corpus(args.input, args.out / "all.txt")
     split = split_documents(args.out / "all.txt", args.out / "train.txt", args.out / "val.txt", 0.05, EOT)
     print(f"{n} documents -> {split}", file=sys.stderr)
-    rows = []
     for variant in ("gpt2", "cjk"):
         st = build(variant, args.out / "train.txt", args.out / "val.txt", args.vocab_size, args.out / variant)
         ev = train_and_eval(args.out / variant, args.vocab_size, args.steps, args.threads)
         loss = ev["loss"]
         st.update(val_loss_nats_per_token=loss, val_bits_per_byte=round(loss / math.log(2) / st["val_bytes_per_token"], 4),
                   model_train_seconds=ev["model_train_seconds"])
-        rows.append(st)
         print(json.dumps(st), flush=True)
 
 

@@ -4,6 +4,7 @@ directory split the older (seeded random) way keeps its split unless asked."""
 import hashlib
 import json
 
+import llm.data as data
 from llm.data import EOT, load_meta, prepare
 
 
@@ -61,3 +62,14 @@ def test_a_directory_split_the_random_way_keeps_it(tmp_path, capsys):
     assert meta["split_method"] == "hash" and meta["duplicate_documents"] == 2 and meta["split_seed"] is None
     prepare(src, tmp_path / "o", 300)
     assert "split: up to date, skipped" in capsys.readouterr().err
+
+
+def test_cli_split_flag_and_duplicates_line(tmp_path, capsys):
+    src = tmp_path / "c.txt"
+    src.write_text("".join(f"{d}\n{EOT}\n" for d in _docs(40, "d") + _docs(3, "d")))
+    args = ["prepare", "--input", str(src), "--out", str(tmp_path / "o"), "--vocab-size", "300"]
+    assert data.main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["duplicate_documents"] == 3 and "dropped 3 exact duplicate document(s)" in err
+    assert data.main([*args, "--split", "random"]) == 0
+    assert json.loads(capsys.readouterr().out)["split_method"] == "random"
