@@ -501,7 +501,7 @@ class _Prepare:
 
     def write_split(self) -> None:
         info = split_documents(self.src, self.train_txt, self.val_txt, self.val_fraction, self.separator,
-                               method=self.split_method)
+                               method=self.split_method, progress=not self.quiet)
         write_json(self.out / ".split.json", info)
 
     def train_tokenizer(self) -> None:

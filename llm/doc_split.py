@@ -14,6 +14,7 @@ shifts it, and duplicates stay.
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.download import _Progress
 from llm.fileio import replacing
 from llm.text_sources import split_stream, stream_contains
 
@@ -33,10 +35,20 @@ def doc_hash(doc: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-def iter_documents(path: str | Path, separator: str) -> Iterator[str]:
-    """Stream the non-empty documents of a text file split on ``separator`` (whitespace-stripped)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        yield from split_stream(f, separator)
+def iter_documents(path: str | Path, separator: str, bar: _Progress | None = None) -> Iterator[str]:
+    """Stream the non-empty documents of a text file split on ``separator`` (whitespace-stripped), updating
+    ``bar`` with the bytes read so far."""
+    with open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
+        for i, doc in enumerate(split_stream(f, separator)):
+            if bar is not None and i % 1024 == 0:
+                bar.update(raw.tell())
+            yield doc
+        if bar is not None:
+            bar.update(raw.tell(), final=bar.t0 < bar.last)  # a closing line only after a progress line
+
+
+def _bar(name: str, path: Path, progress: bool) -> _Progress:
+    return _Progress(name, Path(path).stat().st_size, 0, progress)
 
 
 @dataclass
@@ -51,8 +63,9 @@ class _HashSides:
     duplicates: int = 0
 
     @classmethod
-    def plan(cls, path: Path, sep: str, val_fraction: float) -> _HashSides:
-        hashes = np.fromiter((doc_hash(d) for d in iter_documents(path, sep)), dtype=np.uint64)
+    def plan(cls, path: Path, sep: str, val_fraction: float, progress: bool = False) -> _HashSides:
+        docs = iter_documents(path, sep, _bar("split: hashing", path, progress))
+        hashes = np.fromiter((doc_hash(d) for d in docs), dtype=np.uint64)
         uniq, counts = np.unique(hashes, return_counts=True)
         if len(uniq) < 2:
             raise ValueError(f"{path}: found {len(uniq)} distinct document(s); need >= 2 to split off a validation set "
@@ -96,10 +109,11 @@ class _RandomSides:
 
 def split_documents(
     input_path: Path, train_path: Path, val_path: Path, val_fraction: float, separator: str, seed: int = 0,
-    method: str = "hash",
+    method: str = "hash", progress: bool = False,
 ) -> dict:
     """Write whole documents to a train and a val file (order preserved in both), chosen by ``method``
     (see the module docstring); return {train_documents, val_documents, duplicate_documents, separator, method}.
+    ``progress``: a progress line on stderr (bytes, MB/s, ETA) for each pass that runs longer than a moment.
 
     Documents are separated by ``separator`` (written back as ``doc\\n<sep>\\n``); a file without it is
     split on blank lines (paragraphs, joined back with a blank line)."""
@@ -112,16 +126,17 @@ def split_documents(
         raise ValueError(f"{input_path}: not UTF-8 text ({e})") from None
     sep = separator if has_sep else "\n\n"
     if method == "hash":
-        sides = _HashSides.plan(input_path, sep, val_fraction)
+        sides = _HashSides.plan(input_path, sep, val_fraction, progress)
     else:
         sides = _RandomSides.plan(input_path, sep, val_fraction, seed)
-    stats = _write_sides(input_path, train_path, val_path, sep, separator if has_sep else None, sides)
+    bar = _bar("split: writing", input_path, progress)
+    stats = _write_sides(input_path, train_path, val_path, sep, separator if has_sep else None, sides, bar)
     stats.update(duplicate_documents=sides.duplicates, separator=separator if has_sep else "blank line", method=method)
     return stats
 
 
 def _write_sides(input_path: Path, train_path: Path, val_path: Path, sep: str, joiner_sep: str | None,
-                 sides: _HashSides | _RandomSides) -> dict:
+                 sides: _HashSides | _RandomSides, bar: _Progress) -> dict:
     both = f"{train_path} and {val_path}"  # written side by side: a full disk can strike either
     with (
         replacing(train_path, label=both) as train_tmp,
@@ -131,7 +146,7 @@ def _write_sides(input_path: Path, train_path: Path, val_path: Path, sep: str, j
     ):
         files = {"train": train_f, "val": val_f}
         stats = {"train_documents": 0, "val_documents": 0}
-        for i, doc in enumerate(iter_documents(input_path, sep)):
+        for i, doc in enumerate(iter_documents(input_path, sep, bar)):
             which = sides.side(i, doc)
             if which is None:
                 continue
