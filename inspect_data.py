@@ -6,8 +6,9 @@
     uv run inspect_data.py data/demo --json          # machine-readable
 
 Reports per array: dtype, tokens, bytes on disk; ids >= vocab size (an error); vocabulary use and
-unigram entropy; the top-k tokens decoded with their share and the share of the top 1% of the
-vocabulary; special-token frequency and tokens per document (min/median/p99/max); what the training
+unigram entropy; the top-k tokens decoded with their share (a token holding part of a multi-byte
+character, as byte-level BPE makes of CJK text, is shown as its bytes) and the share of the top 1% of the
+vocabulary; the opening of the first document, decoded; special-token frequency and tokens per document (min/median/p99/max); what the training
 sampler sees (distinct tokens per batch, repeated/overlapping windows over N batches, positional
 coverage); and train/val n-gram overlap (leakage). Ends with a verdict line and warnings.
 
@@ -19,6 +20,7 @@ and say how. Histograms go to img/ when matplotlib is installed (``uv sync --ext
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import sys
@@ -288,9 +290,8 @@ def _array_report(path: Path, arr: np.ndarray, st: dict, vocab: int, eot_id: int
         "unigram_entropy_nats": unigram_entropy(counts) if total else None,
         "top1pct_ids": k,
         "top1pct_share": float(top_sorted[:k].sum() / total) if total else None,
-        "top_tokens": [
-            {"id": int(i), "share": float(counts[i] / total), "text": (tok.decode([int(i)]) if tok else None)} for i in order if counts[i] > 0
-        ],
+        "top_tokens": [{"id": int(i), "share": float(counts[i] / total), **_token_text(tok, int(i))} for i in order if counts[i] > 0],
+        "sample": _sample(arr, tok, eot_id),
     }
     if eot_id is not None:
         r["eot_count"] = st["eot_count"]
@@ -379,8 +380,37 @@ def _plots(report: dict, img_dir: Path) -> list[str] | str:
     return written
 
 
+def _token_text(tok, i: int) -> dict:
+    """{"text": the token decoded} when its bytes are whole UTF-8 characters; {"text": None, "bytes": hex} when
+    they are part of one (decoding would show U+FFFD); {"text": None} without a tokenizer or for an unknown id."""
+    b = tok.vocab.get(i) if tok else None
+    if b is None:
+        return {"text": None}
+    try:
+        return {"text": b.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"text": None, "bytes": b.hex()}
+
+
+def _sample(arr: np.ndarray, tok, eot_id: int | None, chars: int = 80, window: int = 512) -> str | None:
+    """The opening ``chars`` characters of the array's first document (after a leading separator), decoded;
+    a multi-byte character cut by the window's end is left out rather than shown as U+FFFD."""
+    if tok is None:
+        return None
+    ids = read_range(arr, 0, window).tolist()
+    if eot_id is not None:
+        while ids and ids[0] == eot_id:
+            ids.pop(0)
+        ids = ids[: ids.index(eot_id)] if eot_id in ids else ids
+    data = b"".join(tok.vocab.get(int(i), b"") for i in ids)
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data, final=False)
+    return text.strip()[:chars]
+
+
 def _tok_repr(t: dict) -> str:
-    return repr(t["text"]) if t["text"] is not None else f"#{t['id']}"
+    if t["text"] is not None:
+        return repr(t["text"])
+    return repr(bytes.fromhex(t["bytes"])) if "bytes" in t else f"#{t['id']}"
 
 
 def format_report(rep: dict) -> str:
@@ -398,6 +428,8 @@ def format_report(rep: dict) -> str:
         )
         L.append("  top tokens: " + ", ".join(f"{_tok_repr(t)} {t['share']:.1%}" for t in r["top_tokens"]))
         L.append(f"  top 1% of vocab ({r['top1pct_ids']} ids) covers {r['top1pct_share']:.1%} of tokens")
+        if r.get("sample") is not None:
+            L.append(f"  first document: {r['sample']!r}")
         if "eot_count" in r:
             line = f"  separator: {r['eot_count']:,} ({r['eot_share']:.2%} of tokens)"
             d = r.get("documents")

@@ -10,9 +10,9 @@ CLI::
 
     uv run -m llm.data generate --out data/demo/stories.txt [--size-mb 5 --seed 0]
     uv run -m llm.data prepare --input FILE|DIR|GLOB [--input ...] --vocab-size N --out DIR [--val-fraction 0.05 | --val-input FILE]
-        [--doc-sep eot|blank-line] [--text-field text] [--text-column text] [--skip-bad]
+        [--doc-sep eot|blank-line] [--text-field text] [--text-column text] [--skip-bad] [--split hash|random]
     uv run -m llm.data demo                        # generate + prepare data/demo (what training runs)
-    uv run -m llm.data download tinystories|owt [--out data/] [--url URL]
+    uv run -m llm.data download wikitext-2|wikitext-103|tinystories|owt [--out data/] [--url URL]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import math
 import mmap
 import os
-import random
 import shutil
 import socket
 import sys
@@ -40,9 +39,10 @@ from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import check_workers, train_bpe
 from llm.cli import Parser, add_num_workers
+from llm.doc_split import SPLIT_METHODS, split_documents
 from llm.fileio import check_writable, replacing, sha256_of, write_json
 from llm.stories import GENERATOR_VERSION, generate_stories
-from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs, split_stream, stream_contains
+from llm.text_sources import DOC_SEPS, SourceOptions, gather, is_plain_text, resolve_inputs
 
 try:
     import fcntl
@@ -209,61 +209,6 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:  # noqa: B00
     return _cache[key]
 
 
-def iter_documents(path: str | os.PathLike, separator: str) -> Iterator[str]:
-    """Stream the non-empty documents of a text file split on ``separator`` (whitespace-stripped)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        yield from split_stream(f, separator)
-
-
-def _file_contains(path: Path, needle: str) -> bool:
-    with open(path, encoding="utf-8", newline="") as f:
-        return stream_contains(f, needle)
-
-
-def split_documents(
-    input_path: Path, train_path: Path, val_path: Path, val_fraction: float, separator: str, seed: int = 0
-) -> dict:
-    """Write whole documents to a train and a val file; the val set is a seeded random sample of
-    ``max(1, round(val_fraction * n))`` documents (deterministic, order preserved in both files).
-
-    Documents are separated by ``separator`` (written back as ``doc\\n<sep>\\n``); a file without it is
-    split on blank lines (paragraphs, joined back with a blank line)."""
-    try:
-        has_sep = _file_contains(input_path, separator)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{input_path}: not UTF-8 text ({e})") from None
-    sep, joiner = (separator, f"\n{separator}\n") if has_sep else ("\n\n", None)
-    n = sum(1 for _ in iter_documents(input_path, sep))
-    if n < 2:
-        raise ValueError(
-            f"{input_path}: found {n} document(s); need >= 2 to split off a validation set "
-            f"(separate documents with a line {separator!r} or pass --val-input FILE)"
-        )
-    k = min(n - 1, max(1, round(val_fraction * n)))
-    val_ids = set(random.Random(seed).sample(range(n), k))
-    both = f"{train_path} and {val_path}"  # written side by side: a full disk can strike either
-    with (
-        replacing(train_path, label=both) as train_tmp,
-        replacing(val_path, label=both) as val_tmp,
-        open(train_tmp, "x", encoding="utf-8", newline="") as train_f,
-        open(val_tmp, "x", encoding="utf-8", newline="") as val_f,
-    ):
-        files = {"train": train_f, "val": val_f}
-        stats = {"train_documents": 0, "val_documents": 0}
-        for i, doc in enumerate(iter_documents(input_path, sep)):
-            which = "val" if i in val_ids else "train"
-            if has_sep:
-                files[which].write(doc + joiner)
-            else:  # paragraphs: a blank line between them, a newline at the end
-                files[which].write(("\n\n" if stats[f"{which}_documents"] else "") + doc)
-            stats[f"{which}_documents"] += 1
-        if not has_sep:
-            for f in files.values():
-                f.write("\n")
-    stats["separator"] = separator if has_sep else "blank line"
-    return stats
-
-
 class DirLockBusy(ValueError):
     """Another live process holds a directory's lock (``_dir_lock(..., wait=False)``); the message names it."""
 
@@ -381,6 +326,7 @@ def prepare(
     num_workers: int | None = None,
     quiet: bool = False,
     source_options: SourceOptions | None = None,
+    split: str | None = None,
 ) -> dict:
     """Text -> tokenizer + ``train.npy`` / ``val.npy`` + ``meta.json`` in ``out_dir``.
 
@@ -390,7 +336,10 @@ def prepare(
     place; anything else is first streamed into DIR/source.txt (step 0, "gather": bounded memory, see
     llm.text_sources), whose fingerprint covers every input's path, size and mtime and the options.
 
-    Steps: (1) split whole documents into train/val text (skipped with ``val_input``), (2) train the
+    Steps: (1) split whole documents into train/val text (skipped with ``val_input``) by ``split``: "hash"
+    (a document's side from its hash, stable when inputs are added; exact duplicates dropped and counted) or
+    "random" (a seeded sample, duplicates kept); None = "hash", except in a directory already split the
+    random way (prepared before the hash split existed), which keeps its split (see llm.doc_split), (2) train the
     BPE tokenizer on the training text only (no val leakage into merges), (3) encode train, (4) encode
     val, (5) write meta.json. Each step writes to a temp path and renames, and records a fingerprint
     of its inputs in DIR/.prepare_state.json; a rerun skips every step whose fingerprint and outputs are
@@ -403,6 +352,8 @@ def prepare(
     files = resolve_inputs(specs, exclude=out)
     src = files[0] if len(files) == 1 and is_plain_text(files[0]) and options == SourceOptions() else out / "source.txt"
     _check_prepare_args(val_input, vocab_size, val_fraction, special_tokens, num_workers, options)
+    if split not in (None, *SPLIT_METHODS):
+        raise ValueError(f"split must be one of {', '.join(SPLIT_METHODS)}, got {split!r}")
     check_writable(out, what="out", is_dir=True)
     t_start = time.perf_counter()
     with _dir_lock(out):
@@ -410,7 +361,7 @@ def prepare(
         state = {} if force or not state_path.exists() else json.loads(state_path.read_text())
         gathered = files if src == out / "source.txt" else []
         _Prepare(src, out, vocab_size, val_fraction, val_input, list(special_tokens), num_workers, quiet, state,
-                 inputs=gathered, options=options).run()
+                 inputs=gathered, options=options, split_method=_split_method(split, state, quiet)).run()
     meta = load_meta(out)
     _log(
         f"prepare: {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['vocab_size']}, "
@@ -418,10 +369,24 @@ def prepare(
         f"({time.perf_counter() - t_start:.1f}s)",
         quiet,
     )
+    if meta.get("duplicate_documents"):
+        _log(f"prepare: dropped {meta['duplicate_documents']:,} exact duplicate document(s) (kept the first copy)", quiet)
     if meta.get("skipped_bad_records"):
         first = "; ".join(json.loads((out / ".gather.json").read_text())["bad_examples"][:1])
         _log(f"prepare: skipped {meta['skipped_bad_records']:,} bad record(s) (--skip-bad); first: {first}", quiet)
     return meta
+
+
+def _split_method(split: str | None, state: dict, quiet: bool) -> str:
+    """The split method: as asked, else "hash", except for a directory whose recorded split predates it
+    (a "split" fingerprint without "method"): that one keeps its seeded random split, saying so."""
+    if split is not None:
+        return split
+    if "split" in state and "method" not in state["split"]:
+        _log("prepare: split: this directory was split by a seeded random sample; keeping it "
+             "(--split hash re-splits by document hash, stable when inputs are added, and drops duplicates)", quiet)
+        return "random"
+    return "hash"
 
 
 def _check_prepare_args(
@@ -472,6 +437,7 @@ class _Prepare:
     inputs: list[Path] = field(default_factory=list)  # files gathered into src (DIR/source.txt); empty: src is the input
     options: SourceOptions = field(default_factory=SourceOptions)
     inputs_fp: dict | None = None  # the gather step's fingerprint, when there is one
+    split_method: str = "hash"  # see llm.doc_split
 
     def run(self) -> None:
         if self.inputs:
@@ -513,7 +479,11 @@ class _Prepare:
 
     def split(self) -> None:
         """Step 1 as a step: train.txt / val.txt and .split.json, whose document counts are read back either way."""
-        fp = {"source_sha256": self.source_sha, "val_fraction": self.val_fraction, "separator": self.separator, "seed": 0}
+        fp = {"source_sha256": self.source_sha, "val_fraction": self.val_fraction, "separator": self.separator}
+        if self.split_method == "random":
+            fp["seed"] = 0  # the fingerprint such directories were prepared with, unchanged
+        else:
+            fp["method"] = self.split_method
         if self.inputs_fp is not None:  # gathered: the inputs and format options too, not only the text they made
             fp["inputs"] = self.inputs_fp
         self.step("split", fp, [self.train_txt, self.val_txt, self.out / ".split.json"], self.write_split)
@@ -530,7 +500,8 @@ class _Prepare:
         write_json(self.out / ".gather.json", info)
 
     def write_split(self) -> None:
-        info = split_documents(self.src, self.train_txt, self.val_txt, self.val_fraction, self.separator)
+        info = split_documents(self.src, self.train_txt, self.val_txt, self.val_fraction, self.separator,
+                               method=self.split_method, progress=not self.quiet)
         write_json(self.out / ".split.json", info)
 
     def train_tokenizer(self) -> None:
@@ -605,7 +576,9 @@ class _Prepare:
             "val_source": str(self.val_input) if given else None,
             "val_source_sha256": self.val_sha if given else None,
             "val_fraction": None if given else self.val_fraction,
-            "split_seed": None if given else 0,
+            "split_method": None if given else self.split_method,
+            "split_seed": 0 if not given and self.split_method == "random" else None,
+            "duplicate_documents": self.split_info.get("duplicate_documents", 0),
             "input_files": len(self.inputs) or 1,
             "skipped_bad_records": self.gather_info().get("skipped_bad", 0),
         }
@@ -683,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     grp = p.add_mutually_exclusive_group()
     grp.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out (default 0.05)")
     grp.add_argument("--val-input", default=None, help="use this file as validation text instead of splitting")
+    p.add_argument("--split", choices=SPLIT_METHODS, default=None,
+                   help="hash: a document's side from its hash (stable when inputs are added; exact duplicates dropped); "
+                        "random: a seeded sample (default: hash, or what the directory was split with)")
     p.add_argument("--special-token", action="append", default=None, help=f"special token (repeatable; default {EOT})")
     add_num_workers(p)
     p.add_argument("--force", action="store_true", help="redo every step")
@@ -693,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--size-mb", type=float, default=5.0)
     d.add_argument("--seed", type=int, default=0)
 
-    sub.add_parser("download", help="fetch TinyStories / OpenWebText sample (see --help there)", add_help=False)
+    sub.add_parser("download", help="fetch WikiText-2/-103, TinyStories or the OpenWebText sample (see --help there)", add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["download"]:
@@ -708,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.input, args.out, args.vocab_size, val_fraction=args.val_fraction, val_input=args.val_input,
                 force=args.force, special_tokens=tuple(args.special_token or (EOT,)), num_workers=args.num_workers,
                 source_options=SourceOptions(args.doc_sep, args.text_field, args.text_column, args.skip_bad),
+                split=args.split,
             )
             print(json.dumps(meta, indent=2))
         elif args.cmd == "demo":

@@ -1,5 +1,7 @@
 """Download the public corpora the CS336 course uses, with progress, resume and integrity checks.
 
+    uv run -m llm.data download wikitext-2 [--out data/]    # WikiText-2 (raw) parquet -> train/valid/test.txt articles
+    uv run -m llm.data download wikitext-103                # WikiText-103 (raw), the same (~315 MB of parquet)
     uv run -m llm.data download tinystories [--out data/]   # TinyStoriesV2-GPT4 train + valid (~2.2 GB)
     uv run -m llm.data download owt [--out data/]           # OpenWebText sample train + valid (gzip, unpacked)
     uv run -m llm.data download tinystories --mirror https://hf-mirror.com
@@ -7,7 +9,11 @@
 
 Only the standard library (urllib). A transfer writes ``FILE.part`` and resumes it with an HTTP Range
 request after an interruption (rerun the same command); the finished file is size-checked against the
-server's length, sha256-checked when an expected hash is known, and renamed into place atomically.
+server's length (and the pinned size when there is one), sha256-checked against the pinned hash, else
+against the hash recorded when that file was first downloaded (``FILE.sha256``), and renamed into place
+atomically. Each download ends as text ``prepare`` takes: WikiText's parquet rows are joined into
+articles (one per `` = Title = `` heading) separated by a line ``<|endoftext|>``; TinyStories already
+separates its stories that way; OWT's ``.gz`` is unpacked.
 """
 
 from __future__ import annotations
@@ -16,19 +22,37 @@ import gzip
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm.bpe import EOT
 from llm.cli import Parser
 from llm.fileio import NoSpaceError, replacing, sha256_of, space_errors, write_text
 
+
 HF = "https://huggingface.co"
+
+
+def pyarrow_module():
+    """``pyarrow`` with its ``parquet`` module loaded, or None without the optional ``parquet`` extra (then
+    parquet inputs and the WikiText conversion stop with a one-line hint). Imported here, on first use, not at
+    module level: it costs ~50 MB and ~0.5 s that every command importing llm.data would pay."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (loads pyarrow.parquet)
+    except ImportError:
+        return None
+    return pyarrow
+# WikiText at a fixed revision of its Hugging Face repository, so that the pinned sizes and hashes hold.
+_WIKITEXT = f"{HF}/datasets/Salesforce/wikitext/resolve/b08601e04326c79dfdd32d625aee71d232d685c3"
 
 
 @dataclass(frozen=True)
@@ -43,9 +67,26 @@ class Remote:
         return self.url.endswith(".gz")
 
 
-# The URLs of the CS336 assignment 1 README. Sizes/hashes are not pinned (the hosts may re-upload);
-# the size is always checked against the server's Content-Length and the sha256 is recorded.
+def _wikitext(config: str, files: list[tuple[str, int | None, str | None]]) -> list[Remote]:
+    return [Remote(f"{_WIKITEXT}/{config}/{name}", name, size, sha) for name, size, sha in files]
+
+
+# Sizes and sha256 are pinned where they are published for the pinned revision (the train parquet files,
+# whose hashes are their Git LFS object ids); elsewhere the size is checked against the server's
+# Content-Length and the sha256 of the first download is recorded (FILE.sha256) and checked from then on.
+# TinyStories and OWT are the URLs of the CS336 assignment 1 README (the "main" revision).
 DATASETS: dict[str, list[Remote]] = {
+    "wikitext-2": _wikitext("wikitext-2-raw-v1", [
+        ("train-00000-of-00001.parquet", 6357543, "e83889baabc497075506f91975be5fac0d45c5290b6b20582c8cd1e853d0c9f7"),
+        ("validation-00000-of-00001.parquet", None, None),
+        ("test-00000-of-00001.parquet", None, None),
+    ]),
+    "wikitext-103": _wikitext("wikitext-103-raw-v1", [
+        ("train-00000-of-00002.parquet", 156987808, "74da360f23826045b3e6ac6375411fdb15f003030aa74f2596ed08b857cb9212"),
+        ("train-00001-of-00002.parquet", 157088770, "ba090ac30dbf5461e8dcbdd1a1b8e6f3cf9c2c756d64f0c1220450acd514f720"),
+        ("validation-00000-of-00001.parquet", None, None),
+        ("test-00000-of-00001.parquet", None, None),
+    ]),
     "tinystories": [
         Remote(f"{HF}/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-train.txt"),
         Remote(f"{HF}/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt", "TinyStoriesV2-GPT4-valid.txt"),
@@ -324,8 +365,16 @@ def fetch(remote: Remote, out_dir: Path, progress: bool = True, **kw) -> dict:
     if remote.gz and target.exists():
         verify_existing(target, remote.sha256)
     if not (remote.gz and target.exists()):  # a finished .gz from an earlier run only needs unpacking
-        info = download_file(remote.url, target, remote.size, remote.sha256, progress=progress, **kw)
-        write_text(out_dir / (target.name + ".sha256"), f"{info['sha256']}  {target.name}\n")
+        record = out_dir / (target.name + ".sha256")
+        recorded = _recorded_sha256(record) if remote.sha256 is None else None
+        try:
+            info = download_file(remote.url, target, remote.size, remote.sha256 or recorded, progress=progress, **kw)
+        except DownloadError as e:
+            if recorded is None or "sha256" not in str(e):
+                raise
+            raise DownloadError(f"{e} (expected: the hash recorded at the first download, in {record}; "
+                                "if the host has changed the file, delete that record)") from None
+        write_text(record, f"{info['sha256']}  {target.name}\n")
     else:
         info = {"path": str(target), "bytes": target.stat().st_size}
     if remote.gz:
@@ -335,53 +384,145 @@ def fetch(remote: Remote, out_dir: Path, progress: bool = True, **kw) -> dict:
     return info
 
 
+def _recorded_sha256(record: Path) -> str | None:
+    """The hash in a ``FILE.sha256`` record ("HEX  NAME"), or None when there is none."""
+    words = record.read_text().split() if record.is_file() else []
+    return words[0] if words and re.fullmatch(r"[0-9a-f]{64}", words[0]) else None
+
+
+# A WikiText article starts at a level-1 heading line " = Title = " (sections are " = = Section = = ").
+_ARTICLE_HEADING = re.compile(r" = [^=].* = ")
+
+
+def wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
+    """WikiText's lines (one parquet row each, newline included) joined into articles, each whitespace-stripped:
+    a new article begins at every `` = Title = `` line."""
+    article: list[str] = []
+    for line in lines:
+        if article and _ARTICLE_HEADING.fullmatch(line.rstrip("\n")):
+            if text := "".join(article).strip():
+                yield text
+            article = []
+        article.append(line)
+    if text := "".join(article).strip():
+        yield text
+
+
+def _parquet_lines(paths: list[Path], bar: _Progress) -> Iterator[str]:
+    """The ``text`` column of parquet files in order, read one record batch at a time."""
+    pyarrow = pyarrow_module()
+    done = 0
+    for path in paths:
+        size = path.stat().st_size
+        try:
+            pf = pyarrow.parquet.ParquetFile(path)
+            groups = pf.num_row_groups
+            for g in range(groups):
+                for batch in pf.iter_batches(batch_size=4096, row_groups=[g], columns=["text"]):
+                    yield from (v or "" for v in batch.column(0).to_pylist())
+                bar.update(done + size * (g + 1) // groups)
+        except (pyarrow.ArrowException, KeyError) as e:
+            raise DownloadError(f"{path}: not a WikiText parquet file with a 'text' column ({e}); "
+                                "delete it and rerun the download") from None
+        done += size
+
+
+def convert_wikitext(parquets: list[Path], dest: Path, progress: bool = True) -> dict:
+    """Join WikiText parquet shards (in order: an article may continue into the next shard) into ``dest``:
+    one article, then a line ``<|endoftext|>``, per article (atomically). Returns {path, articles, bytes}."""
+    if pyarrow_module() is None:
+        raise DownloadError(f"{parquets[0]}: reading WikiText's parquet needs pyarrow: uv sync --extra parquet "
+                            "(or pip install pyarrow), then rerun (the download is kept)")
+    bar = _Progress(f"convert {dest.name}", sum(p.stat().st_size for p in parquets), 0, progress)
+    n = 0
+    with replacing(dest) as tmp, open(tmp, "x", encoding="utf-8", newline="") as f:
+        for article in wikitext_articles(_parquet_lines(parquets, bar)):
+            f.write(f"{article}\n{EOT}\n")
+            n += 1
+    bar.update(bar.total or 0, final=True, extra=f"{n:,} articles")
+    return {"path": str(dest), "articles": n, "bytes": dest.stat().st_size}
+
+
+def convert(dataset: str, files: list[Path], out_dir: Path, progress: bool = True) -> list[Path]:
+    """The text files ``prepare`` takes, made from a dataset's downloaded ``files``: WikiText's parquet shards
+    become train.txt / valid.txt / test.txt (grouped by the shard name's split; redone only when missing),
+    every other download is text already."""
+    if not dataset.startswith("wikitext"):
+        return files
+    splits: dict[str, list[Path]] = {}
+    for f in files:
+        split = f.name.split("-")[0].removesuffix(".parquet")
+        splits.setdefault({"validation": "valid"}.get(split, split), []).append(f)
+    out = []
+    for split, shards in splits.items():
+        dest = out_dir / f"{split}.txt"
+        if not dest.exists():
+            info = convert_wikitext(shards, dest, progress)
+            if progress:
+                print(f"{dest}: {info['articles']:,} articles, {_fmt_bytes(info['bytes'])}", file=sys.stderr)
+        out.append(dest)
+    return out
+
+
 def _with_mirror(url: str, mirror: str) -> str:
     parts = urllib.parse.urlsplit(url)
     m = urllib.parse.urlsplit(mirror if "://" in mirror else "https://" + mirror)
     return urllib.parse.urlunsplit((m.scheme, m.netloc, parts.path, parts.query, parts.fragment))
 
 
+_VOCAB_HINT = {"wikitext-2": 8000, "wikitext-103": 32000, "tinystories": 10000, "owt": 32000}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m llm.data download", description="Download a public training corpus.")
-    ap.add_argument("dataset", choices=sorted(DATASETS), help="tinystories: TinyStoriesV2-GPT4; owt: OpenWebText sample (CS336)")
+    ap.add_argument("dataset", choices=sorted(DATASETS), help="wikitext-2 / wikitext-103: WikiText (raw) as articles; "
+                    "tinystories: TinyStoriesV2-GPT4; owt: OpenWebText sample (CS336)")
     ap.add_argument("--out", default="data", help="parent directory; files go to OUT/DATASET/ (default data/)")
     ap.add_argument("--url", action="append", default=None, help="download this URL instead (repeatable; .gz is unpacked)")
     ap.add_argument("--mirror", default=None, help="replace the host, e.g. https://hf-mirror.com")
     ap.add_argument("--sha256", action="append", default=None, help="expected sha256 per file, in order (optional)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    remotes = _remotes(args)
+    if isinstance(remotes, str):
+        print(f"error: {remotes}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) / args.dataset
+    results = []
+    try:
+        for r in remotes:
+            results.append(fetch(r, out_dir, progress=not args.quiet))
+        texts = convert(args.dataset, [Path(x["path"]) for x in results], out_dir, progress=not args.quiet)
+    except (DownloadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"downloads": results, "text_files": [str(t) for t in texts]}, indent=2))
+    train = [t for t in texts if "train" in t.name]
+    valid = [t for t in texts if "valid" in t.name]
+    if not args.quiet and len(train) == 1 and len(valid) == 1:
+        print(f"next: uv run -m llm.data prepare --input {train[0]} --val-input {valid[0]} "
+              f"--vocab-size {_VOCAB_HINT.get(args.dataset, 32000)} --out {out_dir}", file=sys.stderr)
+    return 0
+
+
+def _remotes(args) -> list[Remote] | str:
+    """The files to fetch as the flags say, or one line saying what is wrong (before any download starts)."""
     remotes = DATASETS[args.dataset]
-    for u in args.url or []:  # every URL checked before the first download starts
+    for u in args.url or []:
         parts = urllib.parse.urlsplit(u)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            print(f"error: --url {u!r} is not an http(s) URL (e.g. https://host/path/file.txt)", file=sys.stderr)
-            return 2
+            return f"--url {u!r} is not an http(s) URL (e.g. https://host/path/file.txt)"
+    if args.dataset.startswith("wikitext") and pyarrow_module() is None:
+        return f"{args.dataset} comes as parquet, which needs pyarrow: uv sync --extra parquet (or pip install pyarrow)"
     if args.url:
         remotes = [Remote(u, Path(urllib.parse.urlsplit(u).path).name.removesuffix(".gz") or "download") for u in args.url]
     if args.mirror:
         remotes = [Remote(_with_mirror(r.url, args.mirror), r.filename, r.size, r.sha256) for r in remotes]
     if args.sha256:
         if len(args.sha256) != len(remotes):
-            print(f"error: got {len(args.sha256)} --sha256 values for {len(remotes)} files", file=sys.stderr)
-            return 2
+            return f"got {len(args.sha256)} --sha256 values for {len(remotes)} files"
         remotes = [Remote(r.url, r.filename, r.size, h) for r, h in zip(remotes, args.sha256, strict=True)]
-    out_dir = Path(args.out) / args.dataset
-    results = []
-    try:
-        for r in remotes:
-            results.append(fetch(r, out_dir, progress=not args.quiet))
-    except (DownloadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(results, indent=2))
-    if not args.quiet:
-        files = [Path(x["path"]) for x in results]
-        if len(files) == 2:
-            print(
-                f"next: uv run -m llm.data prepare --input {files[0]} --val-input {files[1]} --vocab-size {10000 if args.dataset == 'tinystories' else 32000} --out {out_dir}",
-                file=sys.stderr,
-            )
-    return 0
+    return remotes
 
 
 if __name__ == "__main__":

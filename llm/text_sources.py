@@ -1,4 +1,5 @@
-"""Documents from the files users have: plain text, JSON Lines / JSON, CSV / TSV, each optionally compressed.
+"""Documents from the files users have: plain text, JSON Lines / JSON, CSV / TSV (each optionally compressed),
+and Parquet (compressed inside; read with pyarrow, the optional ``parquet`` extra).
 
 ``resolve_inputs`` turns ``--input`` values (files, directories walked recursively, globs) into a sorted,
 deterministic list of files; ``gather`` streams every document of them into one text file, each document
@@ -6,7 +7,8 @@ followed by a line holding the separator (the layout ``split_documents`` reads).
 
 Memory is bounded whatever the input size: one read block (8 MiB of text) plus the current document or
 record (one JSONL line, one CSV row), plus the decompressor's window. The exception is a ``.json`` file
-holding one top-level array, which JSON cannot stream with the standard library: it is read whole.
+holding one top-level array, which JSON cannot stream with the standard library: it is read whole. A Parquet
+file is read one record batch (at most 1,024 rows of the text column, within one row group) at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from llm.download import _Progress
+from llm.download import _Progress, pyarrow_module
 from llm.fileio import replacing
 
 try:
@@ -33,7 +35,9 @@ try:
 except ImportError:  # optional: .zst inputs then stop with a one-line hint
     zstandard = None
 
-FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv")
+
+FORMATS = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+PARQUET_HINT = ".parquet needs pyarrow: uv sync --extra parquet (or pip install pyarrow)"
 COMPRESSIONS = (".gz", ".xz", ".bz2", ".zst")
 DOC_SEPS = ("eot", "blank-line")
 _BLOCK = 1 << 23  # characters per read of plain text
@@ -137,8 +141,10 @@ def _formats() -> str:
 
 def _check_format(path: Path) -> None:
     fmt, comp = split_format(path)
-    if path.suffix.lower() == ".parquet":
-        raise ValueError(f"{path}: .parquet is not supported yet; convert it to .jsonl first")
+    if fmt == ".parquet" and comp is not None:
+        raise ValueError(f"{path}: a .parquet file is compressed inside already; unpack the {comp} first")
+    if fmt == ".parquet" and pyarrow_module() is None:
+        raise ValueError(f"{path}: {PARQUET_HINT}")
     if fmt is None:
         raise ValueError(f"{path}: unknown input format (known: {_formats()})")
     if comp == ".zst" and zstandard is None:
@@ -146,11 +152,15 @@ def _check_format(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def open_text(path: Path, newline: str | None = "") -> Iterator[tuple[IO[bytes], io.TextIOWrapper]]:
-    """(raw file, UTF-8 text stream) of ``path``, decompressed by its suffix; raw.tell() is the progress."""
+def open_text(path: Path, newline: str | None = "") -> Iterator[tuple[IO[bytes], io.TextIOWrapper | None]]:
+    """(raw file, UTF-8 text stream) of ``path``, decompressed by its suffix; raw.tell() is the progress.
+    A .parquet file has no text stream (None): pyarrow reads the raw file."""
     _check_format(path)
-    comp = split_format(path)[1]
+    fmt, comp = split_format(path)
     with open(path, "rb") as raw:
+        if fmt == ".parquet":  # binary, read by pyarrow from the raw file
+            yield raw, None
+            return
         if comp == ".gz":
             binary = gzip.GzipFile(fileobj=raw)
         elif comp == ".xz":
@@ -221,9 +231,11 @@ class _Reader:
     separator: str
     bad: BadRecords
 
-    def documents(self, f: io.TextIOWrapper) -> Iterator[str]:
+    def documents(self, f: io.TextIOWrapper | None, raw: IO[bytes]) -> Iterator[str]:
         fmt = split_format(self.path)[0]
-        if fmt == ".txt":
+        if fmt == ".parquet":
+            yield from self.parquet_docs(raw)
+        elif fmt == ".txt":
             yield from split_stream(f, self.txt_separator())
         elif fmt == ".json" and self.json_array():
             yield from self.array_docs(f)
@@ -285,6 +297,28 @@ class _Reader:
             reason = "" if isinstance(text, str) else f"row has no {col!r} cell (too few fields)"
             yield from self.checked((text if not reason else None, reason), f"{self.path}:{reader.line_num}")
 
+    def parquet_docs(self, raw: IO[bytes]) -> Iterator[str]:
+        """The text column, one record batch at a time (pyarrow reads it row group by row group)."""
+        pyarrow = pyarrow_module()
+        try:
+            pf = pyarrow.parquet.ParquetFile(raw)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise ValueError(f"{self.path}: not a valid .parquet file ({e})") from None
+        col = self.options.text_column
+        schema = pf.schema_arrow
+        if col not in schema.names:
+            cols = ", ".join(schema.names[:8])
+            raise ValueError(f"{self.path}: no column {col!r} (columns: {cols}; choose one with --text-column)")
+        kind = schema.field(col).type
+        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+            raise ValueError(f"{self.path}: column {col!r} holds {kind}, not text (choose one with --text-column)")
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=[col]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                reason = "" if value is not None else f"null {col!r}"
+                yield from self.checked((value, reason), f"{self.path}: row {row}")
+
     def checked(self, text_reason: tuple[str | None, str], where: str) -> Iterator[str]:
         text, reason = text_reason
         if text is None:
@@ -311,7 +345,7 @@ class _Gather:
         with replacing(dest) as tmp, open(tmp, "x", encoding="utf-8", newline="") as out:
             for path in self.files:
                 with open_text(path) as (raw, f):
-                    for doc in _Reader(path, self.options, self.separator, self.bad).documents(f):
+                    for doc in _Reader(path, self.options, self.separator, self.bad).documents(f, raw):
                         out.write(f"{doc}\n{self.separator}\n")
                         self.documents += 1
                         if self.documents % 512 == 0:

@@ -32,6 +32,14 @@ def _write_jsonl(path, opener=open):
             f.write(json.dumps({"id": 1, "text": d}) + "\n")
 
 
+def _write_parquet(path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    import pyarrow as pa
+
+    table = pa.table({"id": list(range(len(DOCS))), "text": DOCS})
+    pq.write_table(table, path, row_group_size=7)  # several row groups, one batch each
+
+
 def _write_csv(path):
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
@@ -51,6 +59,7 @@ def reference(tmp_path_factory):
     ("c.jsonl", _write_jsonl),
     ("c.json", _write_jsonl),
     ("c.csv", _write_csv),
+    ("c.parquet", _write_parquet),
     ("c.txt.gz", lambda p: p.write_bytes(gzip.compress(_text()))),
     ("c.txt.xz", lambda p: p.write_bytes(lzma.compress(_text()))),
     ("c.txt.bz2", lambda p: p.write_bytes(bz2.compress(_text()))),
@@ -104,7 +113,7 @@ def test_doc_sep_blank_line_and_fingerprint(tmp_path, capsys):
     capsys.readouterr()
     prepare(src, tmp_path / "o", 300, source_options=opts)
     assert "gather: up to date" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="found 1 document"):  # options are in the fingerprint: gathered again
+    with pytest.raises(ValueError, match="found 1 distinct document"):  # options are in the fingerprint: gathered again
         prepare(src, tmp_path / "o", 300, source_options=SourceOptions(doc_sep="eot"))
     assert "gather: done" in capsys.readouterr().err
     assert (tmp_path / "o" / "source.txt").read_text().count(EOT) == 1
@@ -131,7 +140,8 @@ def test_malformed_record_names_file_and_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, content, match", [
-    ("x.parquet", b"PAR1", "not supported yet"),
+    ("x.parquet", b"PAR1", "not a valid .parquet|pyarrow"),
+    ("x.parquet.gz", b"", "compressed inside"),
     ("x.zst", b"", "unknown input format"),
     ("x.txt.zst", b"", "zstandard"),
     ("x.txt.gz", b"not gzip at all", "not a valid .gz"),
@@ -140,9 +150,28 @@ def test_malformed_record_names_file_and_line(tmp_path, capsys):
 def test_bad_inputs_are_one_line(tmp_path, name, content, match):
     if match == "zstandard" and llm.text_sources.zstandard is not None:
         pytest.skip("zstandard is installed here")
+    if name == "x.parquet.gz" and llm.text_sources.pyarrow_module() is None:
+        pytest.skip("pyarrow (the parquet extra) is not installed")
     (tmp_path / name).write_bytes(content)
     with pytest.raises((ValueError, OSError), match=match):
         prepare(tmp_path / name, tmp_path / "o", 300, quiet=True)
     with pytest.raises(FileNotFoundError, match="no input file matches"):
         prepare(str(tmp_path / "*.nothing"), tmp_path / "o", 300, quiet=True)
     assert (tmp_path / name).read_bytes() == content
+
+
+def test_parquet_column_errors_and_missing_pyarrow(tmp_path, monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"body": ["a b c", None, "d e f"], "n": [1, 2, 3]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t.parquet: no column 'text' \(columns: body, n; choose one with --text-column\)"):
+        prepare(tmp_path / "t.parquet", tmp_path / "o", 300, quiet=True)
+    with pytest.raises(ValueError, match="column 'n' holds int64, not text"):
+        prepare(tmp_path / "t.parquet", tmp_path / "o", 300, quiet=True, source_options=SourceOptions(text_column="n"))
+    with pytest.raises(ValueError, match=r"t.parquet: row 2: null 'body' \(pass --skip-bad"):
+        prepare(tmp_path / "t.parquet", tmp_path / "o", 300, quiet=True, source_options=SourceOptions(text_column="body"))
+    monkeypatch.setattr(llm.text_sources, "pyarrow_module", lambda: None)  # as without the extra: one line naming the install
+    assert data.main(["prepare", "--input", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "o"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 't.parquet'}: .parquet needs pyarrow: uv sync --extra parquet (or pip install pyarrow)\n"

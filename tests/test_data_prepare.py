@@ -1,5 +1,6 @@
 """prepare / ensure_demo_data with the real BPE tokenizer: document split, round trip, idempotence, resume."""
 
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,11 @@ def stories(tmp_path_factory):
     return p
 
 
+def _in_val(doc: str, fraction: float = 0.05) -> bool:
+    """The hash split's rule, computed here with hashlib directly: BLAKE2b-64 of the text below fraction * 2^64."""
+    return int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "big") < fraction * 2**64
+
+
 def _steps(err: str) -> dict[str, str]:
     out = {}
     for line in err.splitlines():
@@ -44,8 +50,10 @@ def test_prepare_round_trip_and_meta(stories, tmp_path, capsys):
     # Whole documents: the decoded splits hold exactly the source documents, each exactly once.
     src = _docs(stories.read_text(encoding="utf-8"))
     got_train, got_val = _docs(tok.decode(train.tolist())), _docs(tok.decode(val.tolist()))
-    assert sorted(got_train + got_val) == sorted(src)
-    assert len(got_val) == round(0.05 * len(src)) == meta["val_documents"]
+    assert sorted(got_train + got_val) == sorted(set(src)), "every distinct document once"
+    assert meta["duplicate_documents"] == len(src) - len(set(src)) and meta["split_method"] == "hash"
+    assert got_val == [d for d in got_val if _in_val(d)] and len(got_val) == meta["val_documents"] > 0
+    assert not any(_in_val(d) for d in got_train)
     assert meta["train_documents"] == len(got_train)
     assert int((np.asarray(train) == meta["eot_id"]).sum()) == len(got_train), "one separator per document"
     # Counts and entropy against an independent float64 computation.
@@ -133,8 +141,10 @@ def test_val_input_and_blank_line_documents(tmp_path):
     # Without separators, documents are blank-line paragraphs; the split keeps them whole.
     meta = prepare(train, tmp_path / "b", 300, quiet=True)
     vtext = (tmp_path / "b" / "val.txt").read_text()
-    paras = [p for p in vtext.split("\n\n") if p.strip()]
-    assert len(paras) == round(0.05 * 400) and all(p.strip() in train.read_text() for p in paras)
+    paras = [p.strip() for p in vtext.split("\n\n") if p.strip()]
+    distinct = {f"The cat number {i} sat on the mat." for i in range(200)} | {"It was happy."}
+    assert paras == [p for p in paras if _in_val(p)] and set(paras) == {p for p in distinct if _in_val(p)}
+    assert meta["duplicate_documents"] == 199, "'It was happy.' 200 times: kept once"
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,17 @@
-"""Downloads against a loopback HTTP server (127.0.0.1 only): full, interrupted + resumed, corrupt, offline."""
+"""Downloads against a loopback HTTP server (127.0.0.1 only): full, interrupted + resumed, corrupt, offline,
+and the named datasets (WikiText parquet -> articles) on fixture files the tests make."""
 
 import gzip
 import hashlib
 import http.server
+import json
 import socket
 import threading
 
 import pytest
 
 from llm import download as dl
+from llm.data import prepare
 from llm.download import DownloadError, Remote, download_file, fetch
 
 
@@ -177,3 +180,104 @@ def test_progress_line(capsys):
     bar.update(1_000_000, final=True)
     err = capsys.readouterr().err
     assert "50.0%" in err and "MB/s" in err and "ETA" in err
+
+
+# ----------------------------------------------------------------------------- the named datasets
+
+WIKI_ARTICLES = [
+    [" = Alpha Beta = \n", "", " Alpha is the first letter . \n", "", " = = History = = \n", "", " It came from Aleph . \n"],
+    [" = Gamma = \n", "", " Gamma is the third . It has an = sign in 1 = 1 . \n"],
+    [" = Delta ( river ) = \n", "", " = = = Course = = = \n", " The river runs south . \n", ""],
+]
+
+
+def _wiki_rows(articles):
+    return [row for a in articles for row in ["", *a]]  # WikiText opens every article with an empty row
+
+
+def _expected(articles):  # each article's rows joined and stripped, then a separator line
+    return "".join("".join(a).strip() + "\n<|endoftext|>\n" for a in articles)
+
+
+def _parquet_bytes(rows, tmp_path, name):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    import pyarrow as pa
+
+    path = tmp_path / "fixtures" / name
+    path.parent.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"text": rows}), path, row_group_size=4)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def wikitext(server, tmp_path, monkeypatch):
+    """A WikiText-shaped dataset on the loopback server: train in two shards (the second article runs across
+    the cut), valid and test; pinned sizes and hashes as in the real table."""
+    rows = _wiki_rows(WIKI_ARTICLES)
+    files = {
+        "train-00000-of-00002.parquet": _parquet_bytes(rows[:12], tmp_path, "a"),
+        "train-00001-of-00002.parquet": _parquet_bytes(rows[12:], tmp_path, "b"),
+        "validation-00000-of-00001.parquet": _parquet_bytes(_wiki_rows(WIKI_ARTICLES[1:2]), tmp_path, "c"),
+        "test-00000-of-00001.parquet": _parquet_bytes(_wiki_rows(WIKI_ARTICLES[2:]), tmp_path, "d"),
+    }
+    remotes = []
+    for name, body in files.items():
+        server.files[f"/w/{name}"] = body
+        remotes.append(Remote(f"{server.url}/w/{name}", name, len(body), hashlib.sha256(body).hexdigest()))
+    monkeypatch.setitem(dl.DATASETS, "wikitext-2", remotes)
+    return files
+
+
+def test_wikitext_download_joins_rows_into_articles(wikitext, server, tmp_path, capsys):
+    assert dl.main(["wikitext-2", "--out", str(tmp_path / "d")]) == 0
+    out = tmp_path / "d" / "wikitext-2"
+    assert (out / "train.txt").read_text() == _expected(WIKI_ARTICLES), "the article cut across shards is one article"
+    assert (out / "valid.txt").read_text() == _expected(WIKI_ARTICLES[1:2])
+    assert (out / "test.txt").read_text() == _expected(WIKI_ARTICLES[2:])
+    res = capsys.readouterr()
+    assert json.loads(res.out)["text_files"] == [str(out / n) for n in ("train.txt", "valid.txt", "test.txt")]
+    assert f"--input {out / 'train.txt'} --val-input {out / 'valid.txt'}" in res.err
+    n = len(server.requests)
+    assert dl.main(["wikitext-2", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    assert len(server.requests) == n, "a rerun downloads nothing"
+    meta = prepare(out / "train.txt", tmp_path / "p", 300, val_input=out / "valid.txt", quiet=True)
+    assert meta["train_documents"] == 3 and meta["val_documents"] == 1
+
+
+def test_wikitext_articles_cut_only_at_titles():
+    lines = [" = A = \n", " x = y = z \n", " = = B = = \n", "= not a title =\n", " = C = \n", "c\n"]
+    assert list(dl.wikitext_articles(lines)) == ["= A = \n x = y = z \n = = B = = \n= not a title =", "= C = \nc"]
+
+
+def test_named_dataset_interrupted_resumes_and_corrupt_is_not_kept(wikitext, server, tmp_path, capsys):
+    server.cut_after = 300  # the first response hangs up early: the same command goes on with a Range request
+    assert dl.main(["wikitext-2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert ("/w/train-00000-of-00002.parquet", "bytes=300-") in server.requests
+    assert (tmp_path / "wikitext-2" / "train.txt").read_text() == _expected(WIKI_ARTICLES)
+    server.corrupt = True  # a flipped byte: the pinned sha256 catches it, and nothing half-good stays
+    assert dl.main(["wikitext-2", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train-00000-of-00002.parquet: sha256 ") and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "c" / "wikitext-2").iterdir()) == []
+
+
+def test_unpinned_hash_is_recorded_then_checked(server, tmp_path, monkeypatch, capsys):
+    server.files["/t/train.txt"] = b"one story\n<|endoftext|>\n" * 100
+    monkeypatch.setitem(dl.DATASETS, "tinystories", [Remote(server.url + "/t/train.txt", "train.txt")])
+    assert dl.main(["tinystories", "--out", str(tmp_path), "--quiet"]) == 0
+    record = tmp_path / "tinystories" / "train.txt.sha256"
+    assert record.read_text().split()[0] == hashlib.sha256(server.files["/t/train.txt"]).hexdigest()
+    (tmp_path / "tinystories" / "train.txt").unlink()
+    server.files["/t/train.txt"] = b"another story\n<|endoftext|>\n" * 100  # the host changed it
+    assert dl.main(["tinystories", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the hash recorded at the first download" in err and err.count("\n") == 1
+    assert not (tmp_path / "tinystories" / "train.txt").exists()
+
+
+def test_wikitext_without_pyarrow_is_one_line_before_any_request(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dl, "pyarrow_module", lambda: None)
+    assert dl.main(["wikitext-103", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: wikitext-103 comes as parquet, which needs pyarrow: "
+                                       "uv sync --extra parquet (or pip install pyarrow)\n")
+    assert server.requests == [] and not (tmp_path / "wikitext-103").exists()
