@@ -33,10 +33,11 @@ def _chunk_loss_(z: torch.Tensor, t: torch.Tensor, n: int) -> tuple[torch.Tensor
 
 
 def _linear_cross_entropy(
-    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool
+    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, need_dw: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dh, dw) for h (n d), W (vocab d), targets (n): the chunked loop, shared by the Function and
-    the custom op. dh, dw are the gradients for dloss = 1 (empty when not need_grad)."""
+    the custom op. dh, dw are the gradients for dloss = 1 (empty when not need_grad; dw empty when not
+    need_dw: a frozen lm_head, as in LoRA fine-tuning, skips its (vocab d) GEMM)."""
     ct = torch.promote_types(torch.float32, torch.promote_types(h2.dtype, weight.dtype))
     hf, w = h2.to(ct), weight.to(ct)
     t = t.long()
@@ -46,7 +47,7 @@ def _linear_cross_entropy(
     loss = torch.zeros((), device=h2.device, dtype=ct)
     if need_grad:
         dh = torch.empty_like(hf)
-        dw = torch.empty_like(w)
+        dw = torch.empty_like(w) if need_dw else w.new_empty(0)
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
         z = buf[: j - i]
@@ -60,6 +61,8 @@ def _linear_cross_entropy(
             #   dh = G W    = r ⊙ (E W) − W[t]/N
             #   dW = Gᵀ h   = Eᵀ (r ⊙ h) − scatter_t(h)/N
             torch.mm(z, w, out=dh[i:j]).mul_(r).sub_(w.index_select(0, ti), alpha=1.0 / n)
+            if not need_dw:
+                continue
             hr = hf[i:j] * r
             if i == 0:
                 torch.mm(z.t(), hr, out=dw)  # first chunk: no zero fill
@@ -72,7 +75,8 @@ def _linear_cross_entropy(
 
 
 def _linear_cross_entropy_lowp(
-    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, gemm_dtype: torch.dtype
+    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, gemm_dtype: torch.dtype,
+    need_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same loss and gradients with the chunk GEMMs in `gemm_dtype` (bf16/fp16 under autocast, as
     autocast runs the lm_head matmul) and the softmax statistics, dh and dW accumulated in fp32."""
@@ -83,7 +87,7 @@ def _linear_cross_entropy_lowp(
     loss = torch.zeros((), device=h2.device, dtype=torch.float32)
     if need_grad:
         dh = torch.empty(h2.shape, device=h2.device, dtype=torch.float32)
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        dw = torch.zeros(weight.shape if need_dw else (0,), device=weight.device, dtype=torch.float32)
         w_scaled = wg.float().mul_(1.0 / n)  # W/N, for the one-hot term of dh
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
@@ -94,6 +98,8 @@ def _linear_cross_entropy_lowp(
         if need_grad:  # as in the fp32 loop: dh = r ⊙ (E W) − W[t]/N, dW = Eᵀ (r ⊙ h) − scatter_t(h)/N
             e = z.to(gemm_dtype)
             torch.mul(torch.mm(e, wg), r, out=dh[i:j]).sub_(w_scaled.index_select(0, ti))
+            if not need_dw:
+                continue
             dw += torch.mm(e.t(), (hg[i:j] * r).to(gemm_dtype))
             dw.index_add_(0, ti, hg[i:j].float(), alpha=-1.0 / n)
     if not need_grad:
@@ -106,12 +112,13 @@ class LinearCrossEntropyFn(Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_grad: bool,
                 gemm_dtype: torch.dtype | None) -> torch.Tensor:
         args = (h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)
+        need_dw = ctx.needs_input_grad[1]  # False for a frozen lm_head (LoRA): no dW GEMM
         if gemm_dtype is None:
-            loss, dh, dw = _linear_cross_entropy(*args)
+            loss, dh, dw = _linear_cross_entropy(*args, need_dw)
         else:
-            loss, dh, dw = _linear_cross_entropy_lowp(*args, gemm_dtype)
+            loss, dh, dw = _linear_cross_entropy_lowp(*args, gemm_dtype, need_dw)
         if need_grad:
-            ctx.save_for_backward(dh.view(h.shape), dw)
+            ctx.save_for_backward(dh.view(h.shape), dw if need_dw else None)
         return loss
 
     @staticmethod
@@ -121,7 +128,7 @@ class LinearCrossEntropyFn(Function):
         # check would force a device sync, so just scale)
         if dloss.device.type == "cpu" and float(dloss) == 1.0:
             return dh, dw, None, None, None
-        return dh * dloss, dw * dloss, None, None, None
+        return dh * dloss, None if dw is None else dw * dloss, None, None, None
 
 
 # The same loop as an opaque custom op for torch.compile: Dynamo would unroll the chunk loop and Inductor
