@@ -381,3 +381,20 @@ def test_lora_linear_module_dropout_only_in_training() -> None:
     torch.testing.assert_close(m(x), F.linear(x, base.weight) + 2.0 * F.linear(F.linear(x, m.lora_A), m.lora_B))
     m.train()
     assert not torch.allclose(m(x), m(x))  # fresh masks each call
+
+
+def test_benchmark_runs_end_to_end(tmp_path: Path, capsys) -> None:
+    """kernel/benchmarking_lora.py on the smallest settings (so it cannot rot); bad flags: one line, code 2."""
+    from kernel import benchmarking_lora
+
+    out = tmp_path / "lora.md"
+    argv = ["--batch-size", "1", "--seq-len", "8", "--warmup", "0", "--steps", "1", "--new-tokens", "2",
+            "--repeats", "1", "--targets", "q,v", "--out", str(out)]
+    assert benchmarking_lora.main(argv) == 0
+    text = out.read_text()
+    # 4 layers x (q + v) x rank 8 x (256 in + 256 out) = 32,768 beside the 4,262,144 of the demo model
+    assert "| demo | 32,768 | 4,294,912 | 0.76% |" in text
+    assert "LoRA step / full fine-tuning step" in text and "| merged |" in text
+    assert benchmarking_lora.main(["--targets", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: unknown LoRA target")
