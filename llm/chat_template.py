@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from llm.bpe import EOT
 from llm.bpe.tokenizer import BpeTokenizer
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -76,11 +77,21 @@ def grow_vocab(model: nn.Module, new_vocab_size: int) -> nn.Module:
 
 
 def prepare_chat_model(model: nn.Module, tokenizer: BpeTokenizer) -> BpeTokenizer:
-    """Add the chat tokens to `tokenizer` and grow `model` to fit them; returns the chat tokenizer. Nothing
-    changes for a pair that has them already (a chat checkpoint)."""
+    """Add the chat tokens to `tokenizer` and grow `model` to fit them (grow_vocab); returns the chat
+    tokenizer. When the tokenizer has <|endoftext|>, <|end|> starts as a copy of its rows: the pretrained
+    model already predicts the end of a document there, so ending a turn starts from a learned "stop" rather
+    than from the mean row (whose logit is the mean logit: never the largest). Nothing changes for a pair
+    that has the chat tokens already (a chat checkpoint)."""
+    if has_chat_tokens(tokenizer) and tokenizer.vocab_size <= model.config.vocab_size:
+        return tokenizer
     chat_tok = add_chat_tokens(tokenizer)
     if chat_tok.vocab_size > model.config.vocab_size:
         grow_vocab(model, chat_tok.vocab_size)
+    if EOT in tokenizer.special_tokens:
+        eot, end = tokenizer.token_id(EOT), chat_tok.token_id(END)
+        with torch.no_grad():
+            for w in dict.fromkeys((model.token_embeddings.weight, model.lm_head.weight)):
+                w[end] = w[eot]
     return chat_tok
 
 
