@@ -39,11 +39,13 @@ def _chunk_loss_(z: torch.Tensor, t: torch.Tensor, n: int, wn: torch.Tensor | No
 
 
 def _linear_cross_entropy(
-    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, loss_weight: torch.Tensor | None = None
+    h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, loss_weight: torch.Tensor | None = None,
+    need_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dh, dw) for h (n d), W (vocab d), targets (n), optional per-position loss weights (n): the
     chunked loop, shared by the Function and the custom op. dh, dw are the gradients for dloss = 1 (empty
-    when not need_grad)."""
+    when not need_grad; dw empty when not need_dw: a frozen lm_head, as in LoRA fine-tuning, skips its
+    (vocab d) GEMM)."""
     ct = torch.promote_types(torch.float32, torch.promote_types(h2.dtype, weight.dtype))
     hf, w = h2.to(ct), weight.to(ct)
     t = t.long()
@@ -54,7 +56,7 @@ def _linear_cross_entropy(
     loss = torch.zeros((), device=h2.device, dtype=ct)
     if need_grad:
         dh = torch.empty_like(hf)
-        dw = torch.empty_like(w)
+        dw = torch.empty_like(w) if need_dw else w.new_empty(0)
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
         z = buf[: j - i]
@@ -69,16 +71,20 @@ def _linear_cross_entropy(
             #   dh = G W    = r ⊙ (E W) − W[t]/N
             #   dW = Gᵀ h   = Eᵀ (r ⊙ h) − scatter_t(h)/N         (wn ⊙ in place of /N when weighted)
             torch.mm(z, w, out=dh[i:j]).mul_(r)
+            if wi is None:
+                dh[i:j].sub_(w.index_select(0, ti), alpha=1.0 / n)
+            else:
+                dh[i:j].sub_(w.index_select(0, ti) * wi)
+            if not need_dw:
+                continue
             hr = hf[i:j] * r
             if i == 0:
                 torch.mm(z.t(), hr, out=dw)  # first chunk: no zero fill
             else:
                 dw.addmm_(z.t(), hr)
             if wi is None:
-                dh[i:j].sub_(w.index_select(0, ti), alpha=1.0 / n)
                 dw.index_add_(0, ti, hf[i:j], alpha=-1.0 / n)
             else:
-                dh[i:j].sub_(w.index_select(0, ti) * wi)
                 dw.index_add_(0, ti, hf[i:j] * wi, alpha=-1.0)
     if not need_grad:
         dh, dw = h2.new_empty(0), weight.new_empty(0)
@@ -89,7 +95,7 @@ def _linear_cross_entropy(
 
 def _linear_cross_entropy_lowp(
     h2: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool, gemm_dtype: torch.dtype,
-    loss_weight: torch.Tensor | None = None,
+    loss_weight: torch.Tensor | None = None, need_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same loss and gradients with the chunk GEMMs in `gemm_dtype` (bf16/fp16 under autocast, as
     autocast runs the lm_head matmul) and the softmax statistics, dh and dW accumulated in fp32."""
@@ -101,7 +107,7 @@ def _linear_cross_entropy_lowp(
     loss = torch.zeros((), device=h2.device, dtype=torch.float32)
     if need_grad:
         dh = torch.empty(h2.shape, device=h2.device, dtype=torch.float32)
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        dw = torch.zeros(weight.shape if need_dw else (0,), device=weight.device, dtype=torch.float32)
         w_scaled = wg.float().mul_(1.0 / n) if wn is None else wg.float()  # W/N, for the one-hot term of dh
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
@@ -114,6 +120,8 @@ def _linear_cross_entropy_lowp(
             e = z.to(gemm_dtype)
             w_t = w_scaled.index_select(0, ti)
             torch.mul(torch.mm(e, wg), r, out=dh[i:j]).sub_(w_t if wi is None else w_t * wi)
+            if not need_dw:
+                continue
             dw += torch.mm(e.t(), (hg[i:j] * r).to(gemm_dtype))
             if wi is None:
                 dw.index_add_(0, ti, hg[i:j].float(), alpha=-1.0 / n)
@@ -132,12 +140,13 @@ class LinearCrossEntropyFn(Function):
                 gemm_dtype: torch.dtype | None, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
         args = (h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), need_grad)
         lw = None if loss_weight is None else loss_weight.reshape(-1)
+        need_dw = ctx.needs_input_grad[1]  # False for a frozen lm_head (LoRA): no dW GEMM
         if gemm_dtype is None:
-            loss, dh, dw = _linear_cross_entropy(*args, lw)
+            loss, dh, dw = _linear_cross_entropy(*args, lw, need_dw)
         else:
-            loss, dh, dw = _linear_cross_entropy_lowp(*args, gemm_dtype, lw)
+            loss, dh, dw = _linear_cross_entropy_lowp(*args, gemm_dtype, lw, need_dw)
         if need_grad:
-            ctx.save_for_backward(dh.view(h.shape), dw)
+            ctx.save_for_backward(dh.view(h.shape), dw if need_dw else None)
         return loss
 
     @staticmethod
@@ -147,7 +156,7 @@ class LinearCrossEntropyFn(Function):
         # check would force a device sync, so just scale)
         if dloss.device.type == "cpu" and float(dloss) == 1.0:
             return dh, dw, None, None, None, None
-        return dh * dloss, dw * dloss, None, None, None, None
+        return dh * dloss, None if dw is None else dw * dloss, None, None, None, None
 
 
 # The same loop as an opaque custom op for torch.compile: Dynamo would unroll the chunk loop and Inductor
