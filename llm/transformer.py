@@ -522,15 +522,19 @@ class Transformer(nn.Module):
         """Logits (b s vocab) for token_ids (b s)."""
         return self.lm_head(self.hidden(token_ids, token_positions, kv_cache, attention_mask))
 
-    def loss(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, token_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of next-token predictions, cross_entropy(forward(x), targets); impl="fast" fuses
-        lm_head with the loss so the (b s vocab) logits are never held in memory at once."""
+        lm_head with the loss so the (b s vocab) logits are never held in memory at once. `loss_mask` (b s;
+        bool, or float weights): the mean is over the positions it counts only (fine-tuning: the answer's
+        tokens; padding at the end of a row is left out by position, whatever its target id)."""
         _check_int("targets", targets)
         if targets.shape != token_ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal token_ids shape {tuple(token_ids.shape)}")
+        if loss_mask is not None and loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal targets shape {tuple(targets.shape)}")
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.vocab_size):
             raise ValueError(f"targets must be in [0, {self.vocab_size})")
         h = self.hidden(token_ids)
         if self.impl == "fast":
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
-        return cross_entropy(self.lm_head(h), targets)
+            return linear_cross_entropy(h, self.lm_head.weight, targets, loss_mask)
+        return cross_entropy(self.lm_head(h), targets, loss_mask)
