@@ -29,6 +29,7 @@ from llm.fast.attention import causal_attention
 from llm.fast.cross_entropy import linear_cross_entropy
 from llm.fast.flash_attention import flash_attention
 from llm.fast.linears import linears
+from llm.fast.lora_linears import lora_linears, shared_lora
 from llm.fast.rope import layer_rotation, rope_rotate
 from llm.kv_cache import KVCache
 from llm.ops.attention import scaled_dot_product_attention
@@ -153,6 +154,8 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "fast" and isinstance(self.w1, Linear):  # w1 and w3 read the same x: one Function (see _qkv)
             a, b = linears(x, self.w1.weight, self.w3.weight)
+        elif self.impl == "fast" and shared_lora(self.w1, self.w3):
+            a, b = lora_linears(x, self.w1, self.w3)
         else:
             a, b = self.w1(x), self.w3(x)
         return self.w2(swiglu(a, b))
@@ -243,6 +246,8 @@ class MultiHeadAttention(nn.Module):
         # quantized ones, llm.quant, hold no .weight and run their own matmul)
         if self.impl == "fast" and isinstance(self.q_proj, Linear):
             q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        elif self.impl == "fast" and shared_lora(self.q_proj, self.k_proj, self.v_proj):  # LoRA on all three (llm.lora)
+            q, k, v = lora_linears(x, self.q_proj, self.k_proj, self.v_proj)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (rearrange(t, "b s (h d) -> b h s d", d=self.head_dim) for t in (q, k, v))

@@ -398,3 +398,32 @@ def test_benchmark_runs_end_to_end(tmp_path: Path, capsys) -> None:
     assert benchmarking_lora.main(["--targets", "bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: unknown LoRA target")
+
+
+def test_shared_input_lora_equals_one_op_per_branch() -> None:
+    """llm.fast.lora_linears (q/k/v, w1/w3 of the fast model) against llm.ops.lora per branch, float64,
+    frozen and trainable W; and gradcheck."""
+    from llm.fast.lora_linears import SharedInputLoRAFn, lora_linears, shared_lora
+
+    mods = [LoRALinear(Linear(6, n, dtype=torch.float64), rank=r, alpha=2.0 * r) for n, r in ((5, 2), (3, 3), (3, 2))]
+    for m in mods:
+        with torch.no_grad():
+            m.lora_B.normal_()
+        m.weight.requires_grad_(False)
+    mods[1].weight.requires_grad_(True)  # one trainable W among frozen ones
+    assert shared_lora(*mods)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    dys = [torch.randn(2, 4, m.out_features, dtype=torch.float64) for m in mods]
+    params = [x, mods[1].weight, *(p for m in mods for p in (m.lora_A, m.lora_B))]
+    ref_y = [lora_linear(x, m.weight, m.lora_A, m.lora_B, m.scale) for m in mods]
+    ys = lora_linears(x, *mods)
+    for a, b in zip(ys, ref_y):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ys, params, dys), torch.autograd.grad(ref_y, params, dys)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    tensors = [m.weight for m in mods] + [m.lora_A for m in mods] + [m.lora_B for m in mods]
+    assert torch.autograd.gradcheck(lambda x, *t: SharedInputLoRAFn.apply(x, 2.0, 3, *t), (x, *tensors))
+    mods[2].dropout = 0.1  # each branch would draw its own mask: the per-branch path
+    assert not shared_lora(*mods)
+    merge_lora(mods[0])
+    assert not shared_lora(mods[0], mods[1])
