@@ -218,3 +218,27 @@ def test_chat_takes_generations_sampler_flags_and_beams(adapter_run, monkeypatch
     rc, out, err = _cli(["--adapter", str(adapter_run["adapter"]), "--num-beams", "3", "--max-new-tokens", "4",
                          "--quantize", "int8"], "hello\n", monkeypatch, capsys)
     assert rc == 0 and out.count("> ") == 2, err
+
+
+def test_chat_loads_what_llm_finetune_writes(tmp_path, monkeypatch, capsys) -> None:
+    """The real outputs of a (one-step) LoRA fine-tune: the adapter, chat rows and chat tokenizer it writes
+    load onto its base, and the merged checkpoint it writes chats the same."""
+    from llm.finetune import run_finetune
+    from llm.sft_train import FinetuneConfig as Cfg
+    from tests.test_finetune import _chat_file
+
+    base_tok_dir = byte_tokenizer(chat=False).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    base = Transformer(vocab_size=259, context_length=64, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+    save_checkpoint(base, None, 0, tmp_path / "base.pt",
+                    extra={"model_config": base.config.to_dict(), "tokenizer_dir": str(base_tok_dir)})
+    cfg = Cfg(checkpoint=str(tmp_path / "base.pt"), out_dir=str(tmp_path / "run"), data=_chat_file(tmp_path / "c.jsonl"),
+              max_steps=1, batch_size=2, warmup_steps=0, log_interval=1, checkpoint_interval=1, lora_rank=4)
+    run_finetune(cfg, evaluate=False, merge=True)
+    capsys.readouterr()
+    replies = []
+    for argv in (["--adapter", str(tmp_path / "run" / "adapter.safetensors")], ["--checkpoint", str(tmp_path / "run" / "merged.pt")]):
+        rc, out, err = _cli([*argv, "--greedy", "--max-new-tokens", "5"], "Who is number 3?\n", monkeypatch, capsys)
+        assert rc == 0, err
+        replies.append(out)
+    assert replies[0] == replies[1]
