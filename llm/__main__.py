@@ -22,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("llm.evaluate", "perplexity of a checkpoint on a token file (default: runs/demo's validation split)"),
     "quantize": ("llm.quantize", "write an int8 / int4 weight-only quantized copy of a checkpoint"),
     "export": ("llm.export", "write a checkpoint as a Hugging Face Llama directory, or --import one"),
+    "finetune": ("llm.finetune", "fine-tune a checkpoint on chat data, LoRA or full (default: runs/demo on story QA)"),
+    "chat": ("llm.chat", "chat with a fine-tuned model: multi-turn REPL (default: the default fine-tune's output)"),
     "data": ("llm.data", "generate, prepare or download training data: generate | prepare | demo | download"),
     "tokenizer": ("llm.bpe_tokenizer", "train or apply a BPE tokenizer: train | encode (bare: on the built-in stories)"),
     "inspect": ("inspect_data.py", "sanity report on prepared token arrays (default: data/demo)"),

@@ -3,6 +3,7 @@
 Python API:
     generate(model, tokenizer, prompt, options) -> str        the completion (prompt not included)
     stream(model, tokenizer, prompt, options) -> Iterator[str] the same, piece by piece as it is produced
+    stream_ids(model, tokenizer, ids, options, end_ids) -> Iterator[str]  from token ids (a chat template's)
     generate_batch(model, tokenizer, prompts, options) -> list[str]   left-padded batch, one result per prompt
     beam_texts(model, tokenizer, prompt, options, num_return=N) -> list[str]   beam search, best first
     iter_tokens(model, prompt_ids, sampling, ...) -> Iterator[Tensor (b,)]     the token-level loop underneath
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -379,17 +381,39 @@ def stream(model: torch.nn.Module, tokenizer, prompt: str, options: GenerationOp
     return _stream(model, tokenizer, ids, opts, limit)
 
 
-def _stream(model, tokenizer, ids: list[int], opts: GenerationOptions, limit: int | None) -> Iterator[str]:
+def stream_ids(model: torch.nn.Module, tokenizer, ids: Sequence[int], options: GenerationOptions,
+               end_ids: Sequence[int] = ()) -> Iterator[str]:
+    """Like `stream`, for a prompt given as token ids (a chat template's), ending also at any of `end_ids`
+    (the template's end of turn first: --min-new-tokens forbids it instead of <|endoftext|>). Beam search
+    yields its best hypothesis at once."""
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    limit = check_compatible(model, tokenizer)
+    end_ids = tuple(end_ids)
+    if options.sampling.num_beams > 1:
+        ends = {eos_id_of(tokenizer), *end_ids} - {None}
+        (best,) = beam_generate(model, list(ids), options.sampling, max_new_tokens=options.max_new_tokens,
+                                eos_id=end_ids[0] if end_ids else eos_id_of(tokenizer),
+                                use_cache=options.use_cache, vocab_limit=limit, num_return=1, on_slide=options.on_slide)
+        text = TextStream(token_bytes_fn(tokenizer), options.stop)
+        pieces = [text.push(t) for t in itertools.takewhile(lambda t: t not in ends, best.tokens)]
+        return iter(["".join(pieces) + text.finish()])
+    return _stream(model, tokenizer, list(ids), options, limit, end_ids)
+
+
+def _stream(model, tokenizer, ids: list[int], opts: GenerationOptions, limit: int | None,
+            end_ids: tuple[int, ...] = ()) -> Iterator[str]:
     eos = eos_id_of(tokenizer)
+    ends = {eos, *end_ids} - {None}
     text = TextStream(token_bytes_fn(tokenizer), opts.stop)
     gen = _generator(opts.seed, model_device(model))
     steps = iter_tokens(model, [ids], opts.sampling, max_new_tokens=opts.max_new_tokens, generator=gen,
-                        use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide, eos_id=eos,
-                        min_new_tokens=opts.min_new_tokens)
+                        use_cache=opts.use_cache, vocab_limit=limit, on_slide=opts.on_slide,
+                        eos_id=end_ids[0] if end_ids else eos, min_new_tokens=opts.min_new_tokens)
     try:
         for nxt in steps:
             tok = int(nxt[0])
-            if tok == eos and not opts.ignore_eos:
+            if tok in ends and not opts.ignore_eos:
                 break
             piece = text.push(tok)
             if piece:

@@ -42,13 +42,23 @@ def build_parser() -> Parser:
                    "training run, runs/demo")
     p.add_argument("--prompt", default=None, help=f"text to continue (default {DEFAULT_PROMPT!r})")
     add_tokenizer_dir(p, "tokenizer directory (default: the one recorded in the checkpoint)")
+    add_sampling_flags(p)
+    p.add_argument("--num-samples", type=int, default=1, help="completions generated together in one batch")
+    add_device(p)
+    add_quantize(p)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--interactive", action="store_true", help="REPL: type prompts, /temp /topk /topp /reset /quit")
+    return p
+
+
+def add_sampling_flags(p: Parser) -> None:
+    """The length and sampler flags, read back by options_from_args (llm.chat takes the same)."""
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="go on past <|endoftext|> to --max-new-tokens (long samples, decode benchmarks)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="<|endoftext|> cannot end the text before this")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--num-samples", type=int, default=1, help="completions generated together in one batch")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--top-k", type=int, default=None)
@@ -60,11 +70,6 @@ def build_parser() -> Parser:
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (deterministic)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length ** this")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (for comparison)")
-    add_device(p)
-    add_quantize(p)
-    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    p.add_argument("--interactive", action="store_true", help="REPL: type prompts, /temp /topk /topp /reset /quit")
-    return p
 
 
 class SlideNote:

@@ -30,6 +30,8 @@ def repl(
 
 
 class Repl:
+    help_text = REPL_HELP  # what the loop prints first and on /help
+
     def __init__(self, model, tokenizer, options: GenerationOptions, stdin: IO[str], stdout: IO[str],
                  history: bool) -> None:
         self.model, self.tokenizer, self.options = model, tokenizer, options
@@ -53,7 +55,7 @@ class Repl:
         return None if line == "" else line.rstrip("\n")
 
     def run(self) -> int:
-        self.say(REPL_HELP)
+        self.say(self.help_text)
         while True:
             try:
                 line = self.read()
@@ -77,7 +79,7 @@ class Repl:
             elif cmd == "/settings":
                 self.say(f"({self.options.describe()})")
             elif cmd == "/help":
-                self.say(REPL_HELP)
+                self.say(self.help_text)
             elif cmd in SETTINGS:
                 self.options = changed(self.options, cmd, arg)
                 self.say(f"({self.options.describe()})")

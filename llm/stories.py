@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from llm.bpe import EOT
@@ -940,8 +941,30 @@ ENDINGS = [
 ]
 
 
+@dataclass(frozen=True)
+class StoryFacts:
+    """What a story is about, as its generator chose it (llm.qa_task asks questions about these).
+    hero: the main character's name; kind: "girl" | "boy" | "child" or the animal ("bunny", ...);
+    friend: the friend's name (the story may not mention them: see friend_named); place: "park", ...;
+    obj: the toy or thing of the plot ("kite", ...; some plots never mention it); problem: the plot's key
+    in PROBLEMS ("lost", "stuck", ...)."""
+
+    hero: str
+    kind: str
+    friend: str
+    place: str
+    obj: str
+    problem: str
+    friend_named: bool
+
+
 def make_story(r: random.Random) -> str:
     """One story drawn from ``r``: intro, problem, resolution, moral."""
+    return make_story_with_facts(r)[0]
+
+
+def make_story_with_facts(r: random.Random) -> tuple[str, StoryFacts]:
+    """make_story's text (the same draws from ``r``, so the same text) and the facts it was built from."""
     s = _Story(r)
     c = s.c
     if r.random() < 0.7:
@@ -1010,7 +1033,9 @@ def make_story(r: random.Random) -> str:
     if r.random() < 0.5:
         s.say(*[e for e in ENDINGS if s.friend_seen or "fname" not in e])
     s.say(*MORALS[problem])
-    return s.text()
+    facts = StoryFacts(hero=c["name"], kind=c["kind"], friend=c["fname"], place=c["place"], obj=c["obj"],
+                       problem=problem, friend_named=s.friend_seen)
+    return s.text(), facts
 
 
 # ----------------------------------------------------------------------------- corpus

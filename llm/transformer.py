@@ -29,6 +29,7 @@ from llm.fast.attention import causal_attention
 from llm.fast.cross_entropy import linear_cross_entropy
 from llm.fast.flash_attention import flash_attention
 from llm.fast.linears import linears
+from llm.fast.lora_linears import lora_linears, shared_lora
 from llm.fast.rope import layer_rotation, rope_rotate
 from llm.kv_cache import KVCache
 from llm.ops.attention import scaled_dot_product_attention
@@ -152,6 +153,8 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "fast" and isinstance(self.w1, Linear):  # w1 and w3 read the same x: one Function (see _qkv)
             a, b = linears(x, self.w1.weight, self.w3.weight)
+        elif self.impl == "fast" and shared_lora(self.w1, self.w3):
+            a, b = lora_linears(x, self.w1, self.w3)
         else:
             a, b = self.w1(x), self.w3(x)
         return self.w2(swiglu(a, b))
@@ -242,6 +245,8 @@ class MultiHeadAttention(nn.Module):
         # quantized ones, llm.quant, hold no .weight and run their own matmul)
         if self.impl == "fast" and isinstance(self.q_proj, Linear):
             q, k, v = linears(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        elif self.impl == "fast" and shared_lora(self.q_proj, self.k_proj, self.v_proj):  # LoRA on all three (llm.lora)
+            q, k, v = lora_linears(x, self.q_proj, self.k_proj, self.v_proj)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (rearrange(t, "b s (h d) -> b h s d", d=self.head_dim) for t in (q, k, v))
@@ -524,15 +529,19 @@ class Transformer(nn.Module):
         """Logits (b s vocab) for token_ids (b s)."""
         return self.lm_head(self.hidden(token_ids, token_positions, kv_cache, attention_mask))
 
-    def loss(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, token_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of next-token predictions, cross_entropy(forward(x), targets); impl="fast" fuses
-        lm_head with the loss so the (b s vocab) logits are never held in memory at once."""
+        lm_head with the loss so the (b s vocab) logits are never held in memory at once. `loss_mask` (b s;
+        bool, or float weights): the mean is over the positions it counts only (fine-tuning: the answer's
+        tokens; padding at the end of a row is left out by position, whatever its target id)."""
         _check_int("targets", targets)
         if targets.shape != token_ids.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal token_ids shape {tuple(token_ids.shape)}")
+        if loss_mask is not None and loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal targets shape {tuple(targets.shape)}")
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.vocab_size):
             raise ValueError(f"targets must be in [0, {self.vocab_size})")
         h = self.hidden(token_ids)
         if self.impl == "fast":
-            return linear_cross_entropy(h, self.lm_head.weight, targets)
-        return cross_entropy(self.lm_head(h), targets)
+            return linear_cross_entropy(h, self.lm_head.weight, targets, loss_mask)
+        return cross_entropy(self.lm_head(h), targets, loss_mask)

@@ -33,7 +33,8 @@ def test_no_verb_lists_the_verbs_one_line_each(capsys) -> None:
     assert llm_main.main([]) == 0
     out = capsys.readouterr().out.splitlines()
     verbs = [line.split()[0] for line in out[1:]]
-    assert verbs == ["train", "generate", "evaluate", "quantize", "export", "data", "tokenizer", "inspect", "bench"]
+    assert verbs == ["train", "generate", "evaluate", "quantize", "export", "finetune", "chat", "data", "tokenizer", "inspect",
+                     "bench"]
 
 
 def test_an_unknown_verb_is_one_line(capsys) -> None:

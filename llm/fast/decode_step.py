@@ -31,7 +31,7 @@ Quantized models (llm.quant) take the same step: their int rows and scales are c
 (the attention scale c folded into the q rows' scales), the norm gains multiply h instead.
 Only the plain case: a `Transformer` with impl="fast", one new token per row, no padding mask, fp32/fp64
 weights, no autograd. Everything else (prefill, left-padded batches, bf16 models, subclasses, the reference
-model) goes through `Transformer.forward`. On CUDA the step runs in the weights' dtype, not under bf16
+model, unmerged LoRA adapters: llm.lora) goes through `Transformer.forward`; a merged adapter is in the weights. On CUDA the step runs in the weights' dtype, not under bf16
 autocast: at batch 1 it is bound by reading the weights, and autocast would re-cast every fp32 matrix on
 every call.
 """
@@ -47,7 +47,7 @@ from torch import Tensor
 from llm.fast.softmax import exp_rows_
 from llm.kv_cache import KVCache
 from llm.quant import QuantLinear, QuantWeight, quant_matmul
-from llm.transformer import Transformer
+from llm.transformer import Linear, Transformer
 
 MAX_BYTES = 1 << 30  # models with more weight bytes than this use the general path (no second copy)
 
@@ -78,8 +78,18 @@ class _Weights:
     head_dim: int = 0
 
 
+def _plain_weight(module: torch.nn.Module) -> bool:
+    """Whether `module` computes x Wᵀ with its `.weight` (or is quantized): a Linear, or a LoRA linear
+    (llm.lora) whose update is merged into W. An unmerged one adds a term the merged copies would miss."""
+    return isinstance(module, Linear | QuantLinear) or getattr(module, "merged", False) is True
+
+
 def _supported(model: Transformer) -> bool:
     if not len(model.layers) or any(layer.attn.rope is None for layer in model.layers):
+        return False
+    projections = [m for layer in model.layers for m in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj,
+                   layer.attn.output_proj, layer.ffn.w1, layer.ffn.w2, layer.ffn.w3)]
+    if not all(_plain_weight(m) for m in [*projections, model.lm_head]):
         return False
     params = list(model.parameters())
     if any(p.dtype not in (torch.float32, torch.float64) or p.dtype != params[0].dtype for p in params):
