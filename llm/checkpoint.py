@@ -460,9 +460,10 @@ def latest_checkpoint(directory: StrPath) -> Path | None:
 
 
 def resolve_checkpoint(path: StrPath) -> Path:
-    """A checkpoint file → itself; a run or checkpoints dir → its best.pt if present, else the newest step file."""
+    """A checkpoint file or sharded checkpoint → itself; a run or checkpoints dir → its best.pt (best.dcp) if
+    present, else the newest step checkpoint."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
@@ -472,7 +473,7 @@ def resolve_checkpoint(path: StrPath) -> Path:
             return directory / name
     latest = latest_checkpoint(directory)
     if latest is None:
-        raise CheckpointNotFoundError(f"no checkpoint in {path} (looked for best.pt and step_*.pt in {directory})")
+        raise CheckpointNotFoundError(f"no checkpoint in {path} (looked for best.pt/.dcp and step_*.pt/.dcp in {directory})")
     return latest
 
 

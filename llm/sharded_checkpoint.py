@@ -17,16 +17,21 @@ unpickler); everything else is in meta.pt, which loads with weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from llm.distributed import DistInfo, barrier, broadcast_from_main
 from llm.fileio import sha256_of, write_text
@@ -61,12 +66,21 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             optimizer._state(p)  # llm.optim.AdamW: step, exp_avg, exp_avg_sq shaped (and sharded) like p
 
 
+@contextlib.contextmanager
+def _single_process_is_meant() -> Iterator[None]:
+    """DCP warns on every save/load without a process group, even when asked for exactly that (no_dist)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                  extra: dict[str, Any], info: DistInfo) -> Path:
     """Every rank calls this: each writes its shard, rank 0 the metadata, then the directory appears whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{broadcast_from_main(os.urandom(4).hex(), info)}")
-    dcp.save(train_state(model, optimizer), checkpoint_id=tmp)  # collective; files fsynced
+    with _single_process_is_meant():
+        dcp.save(train_state(model, optimizer), checkpoint_id=tmp, no_dist=not info.enabled)  # collective; fsynced
     if info.is_main:
         with open(tmp / META, "xb") as f:
             torch.save({"iteration": int(iteration), **extra}, f)
@@ -136,7 +150,8 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     under a process group."""
     init_optimizer_state(optimizer)
     state = train_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     model.load_state_dict(state["model"])
 
 
@@ -146,5 +161,9 @@ def read_sharded_full(path: Path) -> dict[str, Any]:
     does not fit the single-file format's index-keyed one)."""
     meta = read_sharded_meta(path)
     state: dict[str, Any] = {}
-    dcp.load(state, checkpoint_id=path, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    # dcp.load fills only the keys it is given; with none, the planner that builds them from the checkpoint's
+    # index needs the loader underneath (what torch's own dcp_to_torch_save calls)
+    with _single_process_is_meant():
+        _load_state_dict(state, storage_reader=dcp.FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
     return {**meta, "model": state["model"], "optimizer": None}

@@ -220,6 +220,9 @@ def build_training_state(cfg: TrainConfig, info: DistInfo, device: torch.device,
         if shards(cfg, info):
             raise ValueError(f"--parallel fsdp resumes from sharded checkpoints (step_N.dcp); {ckpt_path} is a single "
                              "file: resume it with --parallel ddp")
+        if ckpt.get("optimizer") is None:
+            raise ValueError(f"{ckpt_path} holds weights only (an export?): it cannot resume training; resume "
+                             "from the checkpoint it was made from")
         model.load_state_dict(ckpt["model"])
     if shards(cfg, info):
         apply_fsdp(model, device, dtype)  # before the optimizer: it must see the shards

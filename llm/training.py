@@ -5,7 +5,10 @@
     uv run -m llm.training --config my.toml --lr 3e-4       # TOML file, then flags on top
     uv run -m llm.training --resume auto --out-dir runs/demo  # continue bit-exactly after Ctrl-C
     torchrun --nproc_per_node=2 -m llm.training ...         # DDP: gloo on CPU, nccl on CUDA
+    torchrun --nproc_per_node=2 -m llm.training --parallel fsdp ...   # FSDP2: sharded weights/grads/AdamW, DCP checkpoints
     uv run -m llm.training plot runs/demo                   # loss.png / lr.png from metrics.jsonl
+    uv run -m llm.training export runs/x/checkpoints/step_0001000.dcp --out x.pt   # sharded -> one file
+    uv run -m llm.training plan --preset large --world-size 8 --parallel fsdp      # memory per GPU, before renting
 
 This module is the command line: flags, config, calling `train`, and the report at the end (val loss
 against the corpus' unigram entropy, plots, a sample). The run itself is in parts:
@@ -35,7 +38,7 @@ import numpy as np
 from torch import nn
 
 from llm.bpe_tokenizer import BpeTokenizer
-from llm.checkpoint import read_checkpoint
+from llm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint, resolve_checkpoint
 from llm.cli import Parser
 from llm.config import ModelConfig
 from llm.data import open_tokens, token_counts
@@ -45,7 +48,7 @@ from llm.fileio import check_writable
 from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
-from llm.train_config import DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
+from llm.train_config import DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, load_toml, merge, train_preset
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
 from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
 
@@ -126,8 +129,8 @@ def _add_field_flags(p: argparse.ArgumentParser, cls: type, dest_prefix: str, sk
             kw["metavar"] = base.upper()
             if "None" in ann:
                 kw["type"] = _optional(kw["type"])
-        if f.name == "dtype":
-            kw["choices"] = DTYPES
+        if f.name in ("dtype", "parallel"):
+            kw["choices"] = DTYPES if f.name == "dtype" else PARALLEL_MODES
             kw.pop("metavar")
         help_text = f.metadata.get("help", "")
         kw["help"] = f"{help_text} (demo: {getattr(example, f.name)!r})".strip().replace("%", "%%")
@@ -145,7 +148,7 @@ def _optional(t: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m llm.training",
-        description="Train the decoder-only LM. Subcommand: `plot RUN_DIR`. Config precedence: preset < --config "
+        description="Train the decoder-only LM. Subcommands: `plot RUN_DIR`, `export CHECKPOINT --out FILE`, `plan ...`. Config precedence: preset < --config "
         "TOML < flags. The loop overhead benchmark is `uv run kernel/benchmarking_overhead.py`.",
     )
     p.add_argument("--preset", default=None, help="training preset: demo (default), tinystories, tiny, small, medium, large, xl, 2.7B")
@@ -313,11 +316,32 @@ def _main_plot(argv: list[str]) -> int:
     return 0
 
 
+def _main_export(argv: list[str]) -> int:
+    p = Parser(prog="python -m llm.training export",
+               description="Write a sharded (DCP) checkpoint of an fsdp run as one ordinary checkpoint file: the "
+               "weights and configs that generation, evaluation and fine-tuning load (no optimizer state).")
+    p.add_argument("checkpoint", help="a step_N.dcp or best.dcp directory, or a run directory (its best, else newest)")
+    p.add_argument("--out", required=True, help="the .pt file to write (atomically, with its .sha256)")
+    ns = p.parse_args(argv)
+    try:
+        src = resolve_checkpoint(ns.checkpoint)
+        check_writable(ns.out, what="--out", is_dir=False)
+        ckpt = read_checkpoint(src)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    atomic_torch_save(ckpt, ns.out)
+    print(f"{src} -> {ns.out} (step {ckpt.get('iteration')})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "plot":
             return _main_plot(argv[1:])
+        if argv and argv[0] == "export":
+            return _main_export(argv[1:])
         return _main_train(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2

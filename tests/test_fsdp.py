@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 from llm.checkpoint import read_checkpoint
 from llm.parallel import apply_fsdp, rank_state_bytes
 from llm.train_config import TrainConfig
-from llm.training import train
+from llm.training import main, train
 from llm.transformer import Transformer
 from tests.test_training import _cfg, _free_port, data_dir  # noqa: F401  (data_dir: the shared token-array fixture)
 
@@ -132,3 +133,73 @@ def test_fsdp_holds_about_half_the_bytes_of_ddp_per_rank(data_dir: Path, tmp_pat
         assert seen["grads"] == seen["params"] and seen["optimizer"] >= 2 * seen["params"]
         totals[parallel] = seen["params"] + seen["grads"] + seen["optimizer"]
     assert totals["fsdp"] <= 0.55 * totals["ddp"], totals
+
+
+# ------------------------------------------------------------------------------------ sharded checkpoints
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: loss for step, (loss, _) in _records(run_dir).items()}
+
+
+def test_dcp_resume_across_world_sizes_continues_the_uninterrupted_curve(data_dir: Path, tmp_path: Path) -> None:
+    """Paused at step 10 with 2 ranks and resumed with 1 (and the reverse): steps 11-20 equal the
+    uninterrupted run's within 1e-5. World 2 x accum 1 draws the batches of world 1 x accum 2."""
+    kw = dict(max_steps=20, log_interval=1, eval_interval=10, checkpoint_interval=10, parallel="fsdp")
+    full = train(_cfg(data_dir, tmp_path / "full", grad_accum=2, **kw), quiet=True)
+    assert (tmp_path / "full" / "checkpoints" / "step_0000020.dcp" / "SHA256SUMS").is_file()
+    # 2 -> 1
+    two = _cfg(data_dir, tmp_path / "2to1", grad_accum=1, **kw)
+    _spawn(_train_worker, two.to_dict(), {"stop_at": 10})
+    assert sorted(p.name for p in (tmp_path / "2to1" / "checkpoints").iterdir()) == ["best.dcp", "step_0000010.dcp"]
+    rest = train(_cfg(data_dir, tmp_path / "2to1", grad_accum=2, **kw), resume="auto", quiet=True)
+    assert sorted(rest.losses) == list(range(11, 21))
+    for step, loss in rest.losses.items():
+        assert loss == pytest.approx(full.losses[step], **TOL), step
+    # 1 -> 2
+    one = _cfg(data_dir, tmp_path / "1to2", grad_accum=2, **kw)
+    train(one, stop_at=10, quiet=True)
+    _spawn(_train_worker, _cfg(data_dir, tmp_path / "1to2", grad_accum=1, **kw).to_dict(), {"resume": "auto"})
+    got = _losses(tmp_path / "1to2")
+    assert sorted(got) == list(range(1, 21))
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(full.losses[step], **TOL), step
+    # the exported single file holds the same weights as the sharded checkpoint it came from
+    exported = tmp_path / "model.pt"
+    assert main(["export", str(tmp_path / "1to2" / "checkpoints" / "step_0000020.dcp"), "--out", str(exported)]) == 0
+    want = read_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000020.dcp")
+    got_ckpt = read_checkpoint(exported)
+    assert got_ckpt["iteration"] == 20 and got_ckpt["model_config"] == want["model_config"]
+    for name, t in want["model"].items():
+        torch.testing.assert_close(got_ckpt["model"][name], t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _killed_save_worker(cfg_dict: dict) -> None:
+    """Trains to step 5 (saved), then dies by SIGKILL in the middle of saving step 10: the shards are
+    written, the checksums and the rename are not."""
+    from llm import sharded_checkpoint
+
+    orig = sharded_checkpoint._write_manifest
+
+    def die_at_10(directory: Path) -> None:
+        if "0000010" in directory.name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        orig(directory)
+
+    sharded_checkpoint._write_manifest = die_at_10
+    train(TrainConfig.from_dict(cfg_dict), quiet=True)
+
+
+def test_a_killed_save_leaves_no_complete_looking_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(data_dir, tmp_path / "run", max_steps=15, checkpoint_interval=5, parallel="fsdp")
+    proc = mp.get_context("fork").Process(target=_killed_save_worker, args=(cfg.to_dict(),))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert "step_0000005.dcp" in names and "step_0000010.dcp" not in names
+    assert any(n.startswith(".tmp-step_0000010.dcp-") for n in names)  # the shards of the killed save, set apart
+    result = train(cfg, resume="auto", quiet=True)
+    assert min(result.losses) == 6  # resumed from step 5
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert not any(n.startswith(".tmp-") for n in names), names  # the next save's pruning removed them
+    assert "step_0000015.dcp" in names
