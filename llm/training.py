@@ -45,10 +45,11 @@ from llm.data import open_tokens, token_counts
 from llm.data import unigram_entropy as entropy_of_counts
 from llm.decoding import generate
 from llm.fileio import check_writable
+from llm.memory_plan import parse_bytes, plan, plan_report
 from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
-from llm.train_config import DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, load_toml, merge, train_preset
+from llm.train_config import DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, checkpoint_every, load_toml, merge, train_preset
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
 from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
 
@@ -335,6 +336,37 @@ def _main_export(argv: list[str]) -> int:
     return 0
 
 
+def _main_plan(argv: list[str]) -> int:
+    p = Parser(prog="python -m llm.training plan", description="Memory per rank (GPU) of a training run before "
+               "it starts: parameters, gradients, optimizer state, activations, and whether they fit (llm.memory_plan).")
+    p.add_argument("--preset", default="demo", help="training preset whose model is planned (small, medium, large, xl, 2.7B, ...)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in all")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="ddp")
+    p.add_argument("--activation-checkpointing", default="none", metavar="none|full|every-K")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per rank (default: the preset's)")
+    p.add_argument("--context-length", type=int, default=None, help="default: the preset's")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 24GB or 80GiB")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda: bf16, flash attention; cpu: fp32")
+    ns = p.parse_args(argv)
+    try:
+        cfg = train_preset(ns.preset)
+        mcfg = ModelConfig(**{**cfg.model.to_dict(), "context_length": ns.context_length or cfg.model.context_length})
+        batch = ns.batch_size or cfg.batch_size
+        if ns.world_size <= 0 or batch <= 0:
+            raise ValueError("--world-size and --batch-size must be positive")
+        checkpoint_every(ns.activation_checkpointing)
+        gpu_memory = parse_bytes(ns.gpu_memory) if ns.gpu_memory is not None else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gpu = ns.device == "cuda"
+    result = plan(mcfg, world_size=ns.world_size, parallel=ns.parallel, ac_mode=ns.activation_checkpointing,
+                  batch=batch, gpu=gpu)
+    print(plan_report(ns.preset, mcfg, result, world_size=ns.world_size, parallel=ns.parallel,
+                      ac_mode=ns.activation_checkpointing, batch=batch, gpu=gpu, gpu_memory=gpu_memory))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -342,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             return _main_plot(argv[1:])
         if argv and argv[0] == "export":
             return _main_export(argv[1:])
+        if argv and argv[0] == "plan":
+            return _main_plan(argv[1:])
         return _main_train(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2
