@@ -38,18 +38,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.config import ModelConfig
 from llm.decoding import check_compatible
 from llm.fileio import replacing, sha256_of
 from llm.hardware import device_from_name
-from llm.optim import local
+from llm.optim import is_dtensor, local
 from llm.quant import (
     DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, check_record, empty_quantized, load_quantized_state, quantize_model,
 )
-from llm.sharded_checkpoint import ShardedCheckpointError, is_sharded_checkpoint, read_sharded_full, verify_sharded
+from llm.sharded_checkpoint import ShardedCheckpointError, fsdp_module, is_sharded_checkpoint, verify_sharded
 from llm.train_config import TrainConfig
 from llm.transformer import Transformer
 
@@ -288,7 +287,7 @@ def read_checkpoint(src: StrPath | IO[bytes]) -> dict[str, Any]:
     one clear error if it is not one. A sharded checkpoint (DCP directory) is read whole, weights only."""
     if isinstance(src, (str, os.PathLike)) and is_sharded_checkpoint(src):
         try:
-            return read_sharded_full(Path(src))
+            return fsdp_module().read_sharded_full(Path(src))
         except ShardedCheckpointError as e:
             raise CheckpointError(str(e)) from None
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
@@ -346,7 +345,7 @@ def max_abs_weight(params: Iterable[torch.Tensor]) -> float:
     """max |w| over all parameters, one fused pass and one host sync; NaN when any weight is NaN. Sharded
     (DTensor) parameters: the max over this rank's shards, then over the ranks (the same on every rank)."""
     params = list(params)
-    groups = {p.device_mesh.get_group() for p in params if isinstance(p, DTensor)}
+    groups = {p.device_mesh.get_group() for p in params if is_dtensor(p)}
     tensors = [t for t in (local(p.detach()) for p in params) if t.numel()]
     if not tensors and not groups:
         return 0.0

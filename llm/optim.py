@@ -16,12 +16,12 @@ the ranks (one all-reduce) before the square root.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from llm.fast.optimizer import Optimizer  # torch.optim.Optimizer without its 4 s first-call torch._dynamo import
 
@@ -36,9 +36,16 @@ def _check_range(name: str, value: float, low: float, high: float = math.inf, *,
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor (a sharded parameter), without importing torch.distributed.tensor: that
+    import costs seconds (it pulls in torch.fx's symbolic shapes), and before it no DTensor can exist."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (a view: in-place ops update the DTensor); any other tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _evaluate_closure(closure: Callable[[], float] | None) -> float | None:
@@ -236,7 +243,7 @@ def gradient_clip(params: Iterable[torch.Tensor], max_l2_norm: float, eps: float
     groups = set()  # the process groups of sharded gradients: their squared norms are summed across ranks
     for p in params:
         if p.grad is not None:
-            if isinstance(p.grad, DTensor):
+            if is_dtensor(p.grad):
                 groups.add(_shard_group(p.grad))
             by_device.setdefault(p.grad.device, []).append(local(p.grad))
     if not by_device:
@@ -261,7 +268,7 @@ def gradient_clip(params: Iterable[torch.Tensor], max_l2_norm: float, eps: float
     return total
 
 
-def _shard_group(t: DTensor) -> dist.ProcessGroup:
+def _shard_group(t: torch.Tensor) -> dist.ProcessGroup:
     """The process group a DTensor is sharded over (FSDP: one mesh dimension, Shard placements only)."""
     if t.device_mesh.ndim != 1 or not all(pl.is_shard() for pl in t.placements):
         raise ValueError(f"gradient_clip supports 1-D sharded DTensors (FSDP), got placements {t.placements}")

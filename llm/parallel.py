@@ -7,23 +7,18 @@ non-reentrant form (`use_reentrant=False`): it works with DDP and FSDP, where th
 and it frees whatever our autograd Functions keep through `ctx.save_for_backward` (all of them do; a
 tensor kept as a plain ctx attribute would stay alive).
 
-FSDP2 (`fully_shard`, ZeRO-3 style): each transformer block and then the root model become one FSDP unit;
-between uses each rank holds 1/W of every parameter (a DTensor shard), a unit's full parameters are
-all-gathered just before its forward (and again for its backward) and freed after, and its gradients are
-reduce-scattered, so every rank ends the backward with the mean gradient of its own shard. The optimizer is
-built afterwards, on the shards, so its state is sharded too. `Transformer.loss` is registered as a forward
-method, so the fused loss (not `forward`) triggers the root's all-gather."""
+FSDP2 sharding itself is llm.fsdp (`apply_fsdp`), imported only by runs that shard; here are the parts
+every run calls: accumulation without a gradient sync, and the bytes a rank holds."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from llm.kv_cache import KVCache
@@ -54,24 +49,10 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> int:
     return len(chosen)
 
 
-def apply_fsdp(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Shard `model` in place across the default process group: `fully_shard` per block, then the root
-    (embedding, final norm, lm_head). Call after activation checkpointing and before building the optimizer.
-    On CUDA with bf16, parameters are all-gathered in bf16 and gradients reduced in fp32; on the CPU
-    everything stays fp32. On gloo the gradient mean is a SUM followed by an explicit division by the world
-    size: some torch versions' gloo path takes an AVG reduce-scatter for a SUM, which would give W times the
-    gradient of the same batch on one process."""
-    mp = MixedPrecisionPolicy()
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    units = [*model.layers, model]  # the root last: it takes the parameters no block owns
-    for unit in units:
-        fully_shard(unit, mp_policy=mp, reshard_after_forward=unit is not model)
-    if dist.get_backend() == "gloo":
-        for unit in units:
-            unit.set_force_sum_reduction_for_comms(True)
-    register_fsdp_forward_method(model, "loss")
-    return model
+def is_fsdp(module: nn.Module) -> bool:
+    """Whether `module` was sharded by fully_shard (checked without importing torch.distributed.fsdp)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 @contextlib.contextmanager
@@ -79,7 +60,7 @@ def no_gradient_sync(module: nn.Module, model: nn.Module) -> Iterator[None]:
     """Gradient accumulation without communication: a micro-batch's gradients are only added locally.
     DDP: its `no_sync()`; FSDP: `set_requires_gradient_sync(False)` on the sharded model (the unsharded
     gradients then accumulate until the last micro-batch reduce-scatters their sum); otherwise nothing."""
-    if isinstance(model, FSDPModule):
+    if is_fsdp(model):
         model.set_requires_gradient_sync(False)
         try:
             yield

@@ -32,7 +32,7 @@ from llm.checkpoint import (
 from llm.data import DirLockBusy, _dir_lock
 from llm.distributed import DistInfo, barrier, broadcast_from_main
 from llm.fileio import write_text
-from llm.sharded_checkpoint import DCP_SUFFIX, save_sharded
+from llm.sharded_checkpoint import DCP_SUFFIX, fsdp_module
 from llm.train_config import TrainConfig
 
 
@@ -149,7 +149,7 @@ def save_run_checkpoint(cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
     path = checkpoint_dir(cfg.out_dir) / "best.pt" if best else step_checkpoint_path(cfg.out_dir, step)
     info = info or DistInfo()
     if cfg.parallel == "fsdp":
-        path = save_sharded(path.with_suffix(DCP_SUFFIX), model, optimizer, step, extra, info)
+        path = fsdp_module().save_sharded(path.with_suffix(DCP_SUFFIX), model, optimizer, step, extra, info)
     else:
         save_checkpoint(model, optimizer, step, path, extra=extra)
     if not best and info.is_main:

@@ -25,13 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from llm.data import get_batch
 from llm.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from llm.metrics import Throughput, fmt_time, log, quiet_log
 from llm.optim import gradient_clip
-from llm.parallel import no_gradient_sync
+from llm.parallel import is_fsdp, no_gradient_sync
 from llm.run_dir import divergence_message, run_dir_lock, save_run_checkpoint
 from llm.train_config import TrainConfig
 from llm.train_setup import Run, lr_at, resolve_device, setup_run
@@ -247,7 +246,7 @@ def evaluate(model: nn.Module, val: np.ndarray, cfg: TrainConfig, info: DistInfo
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     end = cfg.eval_batches
-    if isinstance(model, FSDPModule):
+    if is_fsdp(model):
         end = math.ceil(cfg.eval_batches / info.world_size) * info.world_size
     for i in range(info.rank, end, info.world_size):
         x, y = get_batch(val, cfg.batch_size, cfg.model.context_length, device,
@@ -256,7 +255,7 @@ def evaluate(model: nn.Module, val: np.ndarray, cfg: TrainConfig, info: DistInfo
             loss = model.loss(x, y).double()
         if i < cfg.eval_batches:
             total += loss
-    if isinstance(model, FSDPModule):
+    if is_fsdp(model):
         model.reshard()  # the root keeps its gathered weights after a forward (backward would need them)
     model.train(was_training)
     return float(all_reduce_sum(total, info)) / cfg.eval_batches

@@ -25,9 +25,9 @@ from llm.hardware import autocast_context, device_from_name, peak_flops
 from llm.machine import usable_cores
 from llm.metrics import MetricsLog
 from llm.optim import AdamW, cos_lr_scheduler
-from llm.parallel import apply_activation_checkpointing, apply_fsdp, rank_state_bytes
+from llm.parallel import apply_activation_checkpointing, rank_state_bytes
 from llm.run_dir import clear_earlier_run, earlier_run, open_run_dir, resolve_resume
-from llm.sharded_checkpoint import is_sharded_checkpoint, load_sharded, read_sharded_meta
+from llm.sharded_checkpoint import fsdp_module, is_sharded_checkpoint, read_sharded_meta
 from llm.train_config import TrainConfig, train_preset
 from llm.transformer import Transformer
 
@@ -225,13 +225,13 @@ def build_training_state(cfg: TrainConfig, info: DistInfo, device: torch.device,
                              "from the checkpoint it was made from")
         model.load_state_dict(ckpt["model"])
     if shards(cfg, info):
-        apply_fsdp(model, device, dtype)  # before the optimizer: it must see the shards
+        fsdp_module().apply_fsdp(model, device, dtype)  # before the optimizer: it must see the shards
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if ckpt is None:
         return model, optimizer, scaler, Start()
     if sharded_ckpt:
-        load_sharded(ckpt_path, model, optimizer)
+        fsdp_module().load_sharded(ckpt_path, model, optimizer)
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt and scaler.is_enabled():

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llm.checkpoint import read_checkpoint
-from llm.parallel import apply_fsdp, rank_state_bytes
+from llm.fsdp import apply_fsdp
+from llm.parallel import rank_state_bytes
 from llm.train_config import TrainConfig
 from llm.training import main, train
 from llm.transformer import Transformer
@@ -175,16 +176,16 @@ def test_dcp_resume_across_world_sizes_continues_the_uninterrupted_curve(data_di
 def _killed_save_worker(cfg_dict: dict) -> None:
     """Trains to step 5 (saved), then dies by SIGKILL in the middle of saving step 10: the shards are
     written, the checksums and the rename are not."""
-    from llm import sharded_checkpoint
+    from llm import fsdp
 
-    orig = sharded_checkpoint._write_manifest
+    orig = fsdp.write_manifest
 
     def die_at_10(directory: Path) -> None:
         if "0000010" in directory.name:
             os.kill(os.getpid(), signal.SIGKILL)
         orig(directory)
 
-    sharded_checkpoint._write_manifest = die_at_10
+    fsdp.write_manifest = die_at_10
     train(TrainConfig.from_dict(cfg_dict), quiet=True)
 
 
