@@ -8,7 +8,7 @@ Per rank, with N parameters, W ranks, micro-batch B, context T (what each term c
 
     parameters      4N (fp32 master weights), /W under fsdp
     gradients       4N (fp32), /W under fsdp
-    optimizer       AdamW's m and v: 8N (+ one float32 step per tensor), /W under fsdp
+    optimizer       AdamW's m and v: 8N, /W under fsdp, + one float32 step per tensor (on every rank)
     fsdp gathered   the full weights of the units in flight: the root (embedding, final norm, lm_head: kept
                     gathered through the step) and two blocks (the one computing, the next prefetched), in the
                     parameter dtype (bf16 on GPU), plus one block's unsharded fp32 gradient before its
@@ -111,7 +111,7 @@ def plan(mcfg: ModelConfig, *, world_size: int, parallel: str, ac_mode: str, bat
         root = n - mcfg.num_layers * block
         gathered = (root + 2 * block) * elem + block * 4
     act = activation_bytes(mcfg, batch, mcfg.context_length, ac_mode, elem=elem, gpu=gpu)
-    return Plan(4 * n / shard, 4 * n / shard, (8 * n + 4 * tensors) / shard, gathered, act)
+    return Plan(4 * n / shard, 4 * n / shard, 8 * n / shard + 4 * tensors, gathered, act)  # steps: not sharded
 
 
 def fmt(n: float) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 from llm.checkpoint import (
     Divergence,
     capture_rng_state,
+    checksum_path,
     latest_checkpoint,
     latest_intact_checkpoint,
     prune_checkpoints,
@@ -152,6 +153,10 @@ def save_run_checkpoint(cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
         path = fsdp_module().save_sharded(path.with_suffix(DCP_SUFFIX), model, optimizer, step, extra, info)
     else:
         save_checkpoint(model, optimizer, step, path, extra=extra)
+    if best and info.is_main:  # a run that switched --parallel: the other format's best.* is older
+        other = path.with_suffix(".pt" if path.suffix == DCP_SUFFIX else DCP_SUFFIX)
+        remove_checkpoint(other)
+        remove_checkpoint(checksum_path(other))
     if not best and info.is_main:
         prune_checkpoints(checkpoint_dir(cfg.out_dir), max(1, cfg.keep_last), keep=[last_ckpt] if last_ckpt else [])
     return path

@@ -49,6 +49,7 @@ from llm.memory_plan import parse_bytes, plan, plan_report
 from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
+from llm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_meta
 from llm.train_config import DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, checkpoint_every, load_toml, merge, train_preset
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
 from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
@@ -212,7 +213,10 @@ def _resumed_config(ns: argparse.Namespace, toml: dict[str, Any]) -> TrainConfig
     """--resume without a preset: the config saved in that checkpoint (None when there is none yet)."""
     out_dir = vars(ns).get("out_dir") or toml.get("out_dir") or train_preset("demo").out_dir
     path = resolve_resume(ns.resume, out_dir)
-    saved = read_checkpoint(path).get("train_config") if path is not None else None
+    if path is None:
+        return None
+    # a sharded checkpoint's config is in its meta.pt: no need to gather its tensors
+    saved = (read_sharded_meta(path) if is_sharded_checkpoint(path) else read_checkpoint(path)).get("train_config")
     return TrainConfig.from_dict(saved) if saved else None
 
 
