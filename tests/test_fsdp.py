@@ -24,7 +24,7 @@ from tests.test_training import _cfg, _free_port, data_dir  # noqa: F401  (data_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODEL = dict(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=40)
+MODEL = dict(vocab_size=47, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=39)  # odd: uneven shards
 TOL = dict(rel=1e-5, abs=1e-6)
 
 
@@ -35,6 +35,11 @@ def _env(rank: int, world: int, port: int) -> None:
 
 def _spawn(fn, *args) -> None:
     import torch._dynamo  # noqa: F401  (DDP's constructor imports it: once here, not once per forked child)
+
+    # The autograd engine starts its threads at the first backward of a process; when that first backward
+    # runs in a forked child, the threads' set_num_threads now and then meets the OpenMP state the fork
+    # copied ("Invalid thread pool!", SIGABRT). One backward here first, and the children inherit a started engine.
+    torch.ones(1, requires_grad=True).sum().backward()
 
     mp.start_processes(fn, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="fork")
 
@@ -58,7 +63,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     model = apply_fsdp(Transformer(**MODEL), torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(48, (4, 16), generator=g), torch.randint(48, (4, 16), generator=g)
+    x, y = torch.randint(47, (4, 16), generator=g), torch.randint(47, (4, 16), generator=g)
     model.loss(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2]).backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
@@ -74,7 +79,7 @@ def test_sharded_gradients_are_the_mean_over_ranks_not_the_sum(tmp_path: Path) -
     torch.manual_seed(0)
     plain = Transformer(**MODEL)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(48, (4, 16), generator=g), torch.randint(48, (4, 16), generator=g)
+    x, y = torch.randint(47, (4, 16), generator=g), torch.randint(47, (4, 16), generator=g)
     plain.loss(x, y).backward()
     got = torch.load(tmp_path / "grads.pt", weights_only=True)
     for name, p in plain.named_parameters():
@@ -84,19 +89,21 @@ def test_sharded_gradients_are_the_mean_over_ranks_not_the_sum(tmp_path: Path) -
 # ------------------------------------------------------------------------------------ trajectories
 def test_fsdp_loss_trajectory_equals_ddp_and_one_process(data_dir: Path, tmp_path: Path) -> None:
     """20 steps, 2 ranks x 2 micro-batches (no sync on the first) against 1 process x 4 micro-batches:
-    the same 4 batches per step, so the same losses and gradient norms within 1e-5."""
+    the same 4 batches per step, so the same losses and gradient norms within 1e-5; fsdp also with every
+    block activation-checkpointed (recomputed inside FSDP's gathered units)."""
     kw = dict(max_steps=20, log_interval=1, eval_interval=20, checkpoint_interval=0)
     single = train(_cfg(data_dir, tmp_path / "one", grad_accum=4, **kw), quiet=True)
-    for parallel in ("ddp", "fsdp"):
-        cfg = _cfg(data_dir, tmp_path / parallel, grad_accum=2, parallel=parallel, **kw)
+    runs = {"ddp": {}, "fsdp": {}, "fsdp-ac": {"activation_checkpointing": "full"}}
+    for name, extra in runs.items():
+        cfg = _cfg(data_dir, tmp_path / name, grad_accum=2, parallel=name[:4], **extra, **kw)
         _spawn(_train_worker, cfg.to_dict(), {})
     want = _records(tmp_path / "one")
     assert sorted(want) == list(range(1, 21)) and [want[s][0] for s in want] == list(single.losses.values())
-    for parallel in ("ddp", "fsdp"):
-        got = _records(tmp_path / parallel)
+    for name in runs:
+        got = _records(tmp_path / name)
         assert sorted(got) == sorted(want)
         for step in want:
-            assert got[step] == pytest.approx(want[step], **TOL), (parallel, step)
+            assert got[step] == pytest.approx(want[step], **TOL), (name, step)
     assert want[20][0] < want[1][0] - 0.5  # it learned something: the comparison is not of two flat lines
 
 
@@ -204,3 +211,10 @@ def test_a_killed_save_leaves_no_complete_looking_checkpoint(data_dir: Path, tmp
     names = sorted(p.name for p in ckpt_dir.iterdir())
     assert not any(n.startswith(".tmp-") for n in names), names  # the next save's pruning removed them
     assert "step_0000015.dcp" in names
+
+
+def test_a_bad_parallel_mode_is_one_error_line(capsys) -> None:
+    assert main(["--parallel", "zero3", "--no-sample"]) == 2
+    assert "error: argument --parallel: invalid choice: 'zero3'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="parallel must be one of ddp, fsdp, got 'zero3'"):
+        TrainConfig(parallel="zero3").validate()
