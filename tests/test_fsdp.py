@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llm.checkpoint import read_checkpoint
+from llm.checkpoint import latest_intact_checkpoint, read_checkpoint
 from llm.fsdp import apply_fsdp
 from llm.parallel import rank_state_bytes
 from llm.train_config import TrainConfig
@@ -57,15 +57,21 @@ def _records(run_dir: Path) -> dict[int, tuple[float, float]]:
 
 # ------------------------------------------------------------------------------------ gradients
 def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One backward of the sharded model on this rank's half of a batch; rank 0 saves the full gradients."""
+    """One backward of the sharded model on this rank's half of a batch; rank 0 saves the full gradients,
+    and those of the same model made to sum (divide factor 1: the gloo bug, as a control)."""
     _env(rank, world, port)
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    model = apply_fsdp(Transformer(**MODEL), torch.device("cpu"), torch.float32)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(47, (4, 16), generator=g), torch.randint(47, (4, 16), generator=g)
-    model.loss(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2]).backward()
-    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    grads = {}
+    for kind in ("mean", "sum"):
+        torch.manual_seed(0)
+        model = apply_fsdp(Transformer(**MODEL), torch.device("cpu"), torch.float32)
+        if kind == "sum":
+            for unit in [*model.layers, model]:
+                unit.set_gradient_divide_factor(1.0)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randint(47, (4, 16), generator=g), torch.randint(47, (4, 16), generator=g)
+        model.loss(x[2 * rank: 2 * rank + 2], y[2 * rank: 2 * rank + 2]).backward()
+        grads[kind] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
     dist.destroy_process_group()
@@ -83,7 +89,9 @@ def test_sharded_gradients_are_the_mean_over_ranks_not_the_sum(tmp_path: Path) -
     plain.loss(x, y).backward()
     got = torch.load(tmp_path / "grads.pt", weights_only=True)
     for name, p in plain.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(got["mean"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        # the control: summed gradients are W = 2 times these, which the comparison above would reject
+        torch.testing.assert_close(got["sum"][name], 2 * p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ------------------------------------------------------------------------------------ trajectories
@@ -210,7 +218,14 @@ def test_a_killed_save_leaves_no_complete_looking_checkpoint(data_dir: Path, tmp
     assert min(result.losses) == 6  # resumed from step 5
     names = sorted(p.name for p in ckpt_dir.iterdir())
     assert not any(n.startswith(".tmp-") for n in names), names  # the next save's pruning removed them
-    assert "step_0000015.dcp" in names
+    assert "step_0000010.dcp" in names and "step_0000015.dcp" in names
+    # a complete-looking checkpoint damaged later fails its checksums: --resume auto takes the one before
+    shard = ckpt_dir / "step_0000015.dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    found, skipped = latest_intact_checkpoint(ckpt_dir)
+    assert found.name == "step_0000010.dcp" and "checksum mismatch in __0_0.distcp" in skipped[0]
 
 
 def test_a_bad_parallel_mode_is_one_error_line(capsys) -> None:
