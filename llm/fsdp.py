@@ -105,15 +105,18 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     model.load_state_dict(state["model"])
 
 
-def read_sharded_full(path: Path) -> dict[str, Any]:
+def read_sharded_full(path: Path, *, with_optimizer: bool = False) -> dict[str, Any]:
     """The whole checkpoint in one process (no process group), as an ordinary checkpoint dict: meta.pt's
-    entries plus "model" (full tensors on the CPU) and "optimizer" None (a parameter-name-keyed AdamW state
-    does not fit the single-file format's index-keyed one)."""
+    entries plus "model" (full tensors on the CPU) and "optimizer" None. `with_optimizer` also reads the
+    AdamW state, as saved: {parameter name: {step, exp_avg, exp_avg_sq}} under "optimizer_by_name"
+    (llm.train_setup.single_file_from_sharded turns it into the single file's index-keyed form)."""
     meta = read_sharded_meta(path)
+    keys = {"model", "optimizer"} if with_optimizer else {"model"}
     state: dict[str, Any] = {}
     # dcp.load fills only the keys it is given; with none, the planner that builds them from the checkpoint's
     # index needs the loader underneath (what torch's own dcp_to_torch_save calls)
     with _single_process_is_meant():
-        _load_state_dict(state, storage_reader=dcp.FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
-    return {**meta, "model": state["model"], "optimizer": None}
+        _load_state_dict(state, storage_reader=dcp.FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    extra = {"optimizer_by_name": state["optimizer"]} if with_optimizer else {}
+    return {**meta, "model": state["model"], "optimizer": None, **extra}

@@ -201,6 +201,22 @@ def load_resume(cfg: TrainConfig, resume: str | None, log: Callable[[str], None]
     return ckpt_path, ckpt
 
 
+def single_file_from_sharded(path: Path) -> dict:
+    """A sharded checkpoint as one ordinary checkpoint dict, optimizer included, so the file resumes like any
+    step_N.pt: the AdamW state, saved by parameter name, goes into the optimizer the checkpoint's own config
+    builds, whose state_dict() is the index-keyed form a single-file resume loads."""
+    ckpt = fsdp_module().read_sharded_full(path, with_optimizer=True)
+    by_name = ckpt.pop("optimizer_by_name")
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    model = build_model(cfg.model, torch.device("cpu"), cfg.impl)
+    optimizer = build_optimizer(model, cfg)
+    for name, p in model.named_parameters():
+        if name in by_name:
+            optimizer.state[p] = dict(by_name[name])
+    ckpt["optimizer"] = optimizer.state_dict()
+    return ckpt
+
+
 def shards(cfg: TrainConfig, info: DistInfo) -> bool:
     """Whether this run shards the model with FSDP (--parallel fsdp under torchrun with 2+ ranks); a single
     process of an fsdp run trains the whole model but still writes sharded (DCP) checkpoints."""

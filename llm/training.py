@@ -52,7 +52,9 @@ from llm.run_dir import resolve_resume
 from llm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_meta
 from llm.train_config import DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, checkpoint_every, load_toml, merge, train_preset
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
-from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
+from llm.train_setup import (
+    LossModule, build_model, lr_at, resolve_device, single_file_from_sharded, tokenizer_dir_for, uses_demo_data_paths,
+)
 
 # What scripts and tests import from here: the CLI's own names, and the training API re-exported from
 # llm.train_loop / llm.train_setup, where it is defined.
@@ -323,15 +325,18 @@ def _main_plot(argv: list[str]) -> int:
 
 def _main_export(argv: list[str]) -> int:
     p = Parser(prog="python -m llm.training export",
-               description="Write a sharded (DCP) checkpoint of an fsdp run as one ordinary checkpoint file: the "
-               "weights and configs that generation, evaluation and fine-tuning load (no optimizer state).")
+               description="Write a sharded (DCP) checkpoint of an fsdp run as one ordinary checkpoint file (weights, "
+               "configs, AdamW state, RNG): what generation, evaluation and fine-tuning load, and a --parallel ddp "
+               "run resumes from.")
     p.add_argument("checkpoint", help="a step_N.dcp or best.dcp directory, or a run directory (its best, else newest)")
     p.add_argument("--out", required=True, help="the .pt file to write (atomically, with its .sha256)")
     ns = p.parse_args(argv)
     try:
         src = resolve_checkpoint(ns.checkpoint)
         check_writable(ns.out, what="--out", is_dir=False)
-        ckpt = read_checkpoint(src)
+        if not is_sharded_checkpoint(src):
+            raise ValueError(f"{src} is already a single-file checkpoint")
+        ckpt = single_file_from_sharded(src)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -178,7 +178,7 @@ def test_dcp_resume_across_world_sizes_continues_the_uninterrupted_curve(data_di
     assert sorted(got) == list(range(1, 21))
     for step in range(1, 21):
         assert got[step] == pytest.approx(full.losses[step], **TOL), step
-    # the exported single file holds the same weights as the sharded checkpoint it came from
+    # the exported single file holds the same weights as the sharded checkpoint it came from ...
     exported = tmp_path / "model.pt"
     assert main(["export", str(tmp_path / "1to2" / "checkpoints" / "step_0000020.dcp"), "--out", str(exported)]) == 0
     want = read_checkpoint(tmp_path / "full" / "checkpoints" / "step_0000020.dcp")
@@ -186,6 +186,15 @@ def test_dcp_resume_across_world_sizes_continues_the_uninterrupted_curve(data_di
     assert got_ckpt["iteration"] == 20 and got_ckpt["model_config"] == want["model_config"]
     for name, t in want["model"].items():
         torch.testing.assert_close(got_ckpt["model"][name], t, rtol=1e-4, atol=1e-5, msg=name)
+    # ... and resumes as a single file (DDP's format): step 10 of the 2-rank run, continued by one process
+    step10 = tmp_path / "step10.pt"
+    assert main(["export", str(tmp_path / "2to1" / "checkpoints" / "step_0000010.dcp"), "--out", str(step10)]) == 0
+    assert read_checkpoint(step10)["optimizer"]["state"]  # AdamW state, index-keyed
+    cont = train(_cfg(data_dir, tmp_path / "from_pt", grad_accum=2, **{**kw, "parallel": "ddp"}), resume=str(step10),
+                 quiet=True)
+    assert sorted(cont.losses) == list(range(11, 21))
+    for step, loss in cont.losses.items():
+        assert loss == pytest.approx(full.losses[step], **TOL), step
 
 
 def _killed_save_worker(cfg_dict: dict) -> None:
