@@ -23,8 +23,8 @@ CPU path attention's probabilities P when they are kept (`llm.fast.attention`: h
 part of the T x T square; GPU flash attention keeps none). Outside the blocks: the embedding output d, the
 final norm's statistics 1, the fused loss' gradient of its input d, the token ids, and per step the
 lm_head weight gradient V x d computed in the forward, plus the fused loss' logits chunk. A checkpointed
-block keeps only its input d; during backward one block at a time is recomputed in full (the peak is the larger of the end of the
-forward and the moment of the earliest recompute, when the blocks before it still keep theirs). Elements are
+block keeps only its input d; during backward one block at a time is recomputed in full: the peak is the
+larger of the end of the forward and a recompute, when the blocks before that one still keep theirs. Elements are
 4 bytes (fp32, the CPU) or 2 (bf16 autocast on GPU; an estimate: statistics stay fp32).
 """
 

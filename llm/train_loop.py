@@ -160,7 +160,8 @@ def train_loop(run: Run, state: LoopState, result: TrainResult, end_step: int) -
                 # DDP / FSDP: reduce gradients only on the last micro-batch of the step.
                 sync = micro == cfg.grad_accum - 1 or not info.enabled
                 t_c = run.clock()
-                with (contextlib.nullcontext() if sync else no_gradient_sync(run.step_module, run.model)), run.autocast():
+                no_sync = contextlib.nullcontext() if sync else no_gradient_sync(run.step_module, run.model)
+                with no_sync, run.autocast():
                     loss = run.step_module(x, y)  # (): mean cross-entropy over the B*T positions
                 run.scaler.scale(loss / cfg.grad_accum).backward()  # grads accumulate: mean over A micro-batches
                 compute += run.clock() - t_c

@@ -297,7 +297,8 @@ def describe_run(run: Run) -> str:
         f"{str(run.dtype).replace('torch.', '')}{' compiled' if cfg.compile else ''} | world {run.info.world_size} "
         f"x accum {cfg.grad_accum} x batch {cfg.batch_size} x ctx {mcfg.context_length} = "
         f"{cfg.tokens_per_step * run.info.world_size:,} tokens/step | "
-        f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens | {run.cfg.parallel if run.info.enabled else 'one process'}: "
+        f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens | "
+        f"{run.cfg.parallel if run.info.enabled else 'one process'}: "
         f"{fmt_bytes(mem['expected'])} per rank for params {fmt_bytes(mem['params'])} + grads + AdamW state"
     )
 

@@ -50,7 +50,9 @@ from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
 from llm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_meta
-from llm.train_config import DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, checkpoint_every, load_toml, merge, train_preset
+from llm.train_config import (
+    DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, checkpoint_every, load_toml, merge, train_preset,
+)
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
 from llm.train_setup import (
     LossModule, build_model, lr_at, resolve_device, single_file_from_sharded, tokenizer_dir_for, uses_demo_data_paths,
@@ -348,11 +350,11 @@ def _main_export(argv: list[str]) -> int:
 def _main_plan(argv: list[str]) -> int:
     p = Parser(prog="python -m llm.training plan", description="Memory per rank (GPU) of a training run before "
                "it starts: parameters, gradients, optimizer state, activations, and whether they fit (llm.memory_plan).")
-    p.add_argument("--preset", default="demo", help="training preset whose model is planned (small, medium, large, xl, 2.7B, ...)")
+    p.add_argument("--preset", default="demo", help="training preset whose model is planned (small ... 2.7B)")
     p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in all")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="ddp")
     p.add_argument("--activation-checkpointing", default="none", metavar="none|full|every-K")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per rank (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per rank (default: preset's)")
     p.add_argument("--context-length", type=int, default=None, help="default: the preset's")
     p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 24GB or 80GiB")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda: bf16, flash attention; cpu: fp32")
