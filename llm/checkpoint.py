@@ -10,6 +10,9 @@ Run-directory layout: RUN_DIR/checkpoints/step_0000100.pt (one per save) and RUN
 (or .safetensors with their .json).
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target with
 os.replace, so a crash (even kill -9) at any moment leaves either the old file or the new one, never half.
+An FSDP run writes sharded checkpoints instead: directories step_0000100.dcp/ (and best.dcp/), one DCP
+shard per rank, complete when renamed into place, checked by their SHA256SUMS (llm.sharded_checkpoint);
+they are listed, resumed, pruned and retired like the files, and `read_checkpoint` reads them whole.
 Beside each checkpoint X.pt lies X.pt.sha256 (`sha256sum` format) with the digest of the bytes written;
 every load by path verifies it, so a file damaged later on disk is refused instead of yielding NaN weights.
 A safetensors checkpoint's JSON is written last and records the tensor file's sha256: a pair that does not
@@ -28,6 +31,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import time
 import warnings
 import zipfile
@@ -37,6 +41,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
@@ -48,16 +53,19 @@ from llm.config import ModelConfig
 from llm.decoding import check_compatible
 from llm.fileio import replacing, sha256_of
 from llm.hardware import device_from_name
+from llm.optim import is_dtensor, local
 from llm.quant import (
     DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, check_record, empty_quantized, load_quantized_state, quantize_model,
 )
+from llm.sharded_checkpoint import ShardedCheckpointError, fsdp_module, is_sharded_checkpoint, verify_sharded
 from llm.train_config import TrainConfig
 from llm.transformer import Transformer
 
 StrPath = str | os.PathLike[str]
 CORE_KEYS = ("model", "optimizer", "iteration")
-STEP_RE = re.compile(r"^step_(\d+)\.(?:pt|safetensors)$")
+STEP_RE = re.compile(r"^step_(\d+)\.(?:pt|safetensors|dcp)$")  # a file, or a sharded checkpoint's directory
 SIDECAR_RE = re.compile(r"^(?:step_\d+|best)\.json$")  # the JSON of a safetensors checkpoint
+BEST_NAMES = ("best.pt", "best.safetensors", "best.dcp")
 TMP_PREFIX = ".tmp-"  # temp files: .tmp-<target name>-<random>; never matched by STEP_RE
 CHECKSUM_SUFFIX = ".sha256"  # X.pt -> X.pt.sha256
 EXPLODED = 1e3  # max |weight| this many times its value at the start (or 1, if larger): a diverged model
@@ -289,6 +297,12 @@ def verify_checksum(path: StrPath) -> bool:
     """True when `path` matches its .sha256 file, False when it has none (written before checksums existed);
     CheckpointError naming the file when it does not match."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        try:
+            verify_sharded(path)
+        except ShardedCheckpointError as e:
+            raise CheckpointError(str(e)) from None
+        return True
     sidecar = checksum_path(path)
     try:
         recorded = sidecar.read_text().split()
@@ -356,7 +370,12 @@ def _read_safetensors(path: Path, verified: bool) -> dict[str, Any]:
 
 def read_checkpoint(src: StrPath | IO[bytes]) -> dict[str, Any]:
     """Load a checkpoint dict onto the CPU (weights_only=True, or safetensors + JSON), after verifying its
-    checksum (paths); one clear error if it is not one."""
+    checksum (paths); one clear error if it is not one. A sharded checkpoint (DCP directory) is read whole."""
+    if isinstance(src, (str, os.PathLike)) and is_sharded_checkpoint(src):
+        try:
+            return fsdp_module().read_sharded_full(Path(src))
+        except ShardedCheckpointError as e:
+            raise CheckpointError(str(e)) from None
     if isinstance(src, (str, os.PathLike)):
         if not Path(src).is_file():
             raise CheckpointNotFoundError(f"checkpoint not found: {src}")
@@ -400,12 +419,21 @@ class Divergence:
 
 
 def max_abs_weight(params: Iterable[torch.Tensor]) -> float:
-    """max |w| over all parameters, one fused pass and one host sync; NaN when any weight is NaN."""
-    tensors = [p.detach() for p in params]
-    if not tensors:
+    """max |w| over all parameters, one fused pass and one host sync; NaN when any weight is NaN. Sharded
+    (DTensor) parameters: the max over this rank's shards, then over the ranks (the same on every rank)."""
+    params = list(params)
+    groups = {p.device_mesh.get_group() for p in params if is_dtensor(p)}
+    tensors = [t for t in (local(p.detach()) for p in params) if t.numel()]
+    if not tensors and not groups:
         return 0.0
-    norms = torch._foreach_norm(tensors, math.inf)
-    return torch.stack([n.float().to(norms[0].device) for n in norms]).max().item()
+    norms = torch._foreach_norm(tensors, math.inf) if tensors else []
+    device = tensors[0].device if tensors else local(params[0]).device
+    top = torch.stack([n.float().to(device) for n in norms]).max() if norms else torch.zeros((), device=device)
+    if groups:
+        top = torch.nan_to_num(top, nan=math.inf)  # a NaN on any rank must win the MAX: as +inf it does
+    for group in groups:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    return top.item()
 
 
 @dataclasses.dataclass
@@ -497,7 +525,7 @@ def _checkpoint_dir(path: StrPath) -> Path:
 def _step_files(directory: Path) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_RE.match(p.name)) and p.is_file()]
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_RE.match(p.name)) and p.exists()]
     return sorted(found)
 
 
@@ -508,16 +536,16 @@ def latest_checkpoint(directory: StrPath) -> Path | None:
 
 
 def best_checkpoint(directory: Path) -> Path | None:
-    """DIR/best.pt or DIR/best.safetensors (the newer when a run switched formats); None when neither."""
-    found = [p for p in (directory / "best.pt", directory / "best.safetensors") if p.is_file()]
+    """DIR/best.pt, best.safetensors or best.dcp (the newest when a run switched formats); None when none."""
+    found = [directory / name for name in BEST_NAMES if (directory / name).exists()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def resolve_checkpoint(path: StrPath) -> Path:
-    """A checkpoint file → itself; a run or checkpoints dir → its best checkpoint (best.pt or best.safetensors)
-    if present, else the newest step file."""
+    """A checkpoint file or sharded checkpoint → itself; a run or checkpoints dir → its best checkpoint
+    (best.pt, best.safetensors or best.dcp) if present, else the newest step checkpoint."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
@@ -527,8 +555,8 @@ def resolve_checkpoint(path: StrPath) -> Path:
         return best
     latest = latest_checkpoint(directory)
     if latest is None:
-        raise CheckpointNotFoundError(f"no checkpoint in {path} (looked for best.pt and step_*.pt in {directory}, "
-                                      "or their .safetensors)")
+        raise CheckpointNotFoundError(f"no checkpoint in {path} (looked for best.* and step_*.pt, .safetensors or "
+                                      f".dcp in {directory})")
     return latest
 
 
@@ -562,16 +590,26 @@ def prune_checkpoints(directory: StrPath, keep_last: int, *, keep: Iterable[StrP
         for p in directory.iterdir():
             orphan = p.name.endswith(CHECKSUM_SUFFIX) and not p.with_name(p.name[: -len(CHECKSUM_SUFFIX)]).exists()
             orphan |= bool(SIDECAR_RE.match(p.name)) and not p.with_suffix(".safetensors").exists()
-            if (p.name.startswith(TMP_PREFIX) or orphan) and p.is_file() and p not in doomed:
-                doomed.append(p)
+            if (p.name.startswith(TMP_PREFIX) or orphan) and p not in doomed:
+                doomed.append(p)  # a temp file, or the temp directory of a killed sharded save
     for p in doomed:
-        p.unlink(missing_ok=True)
+        remove_checkpoint(p)
     return doomed
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file or a sharded checkpoint's directory (gone already: nothing to do)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def checkpoint_step(path: StrPath) -> int | None:
-    """The iteration a checkpoint was saved at, read without loading its tensors (mmap, or the JSON of a
-    safetensors checkpoint); None if unreadable."""
+    """The iteration a checkpoint was saved at, read without loading its tensors (mmap, the JSON of a
+    safetensors checkpoint, or a sharded checkpoint's meta.pt); None if unreadable."""
+    if Path(path).is_dir():  # a sharded checkpoint: its meta.pt holds the iteration
+        path = Path(path) / "meta.pt"
     try:
         if is_safetensors(path):
             return int(_read_sidecar(Path(path))["checkpoint"]["iteration"])
@@ -621,8 +659,8 @@ def retire_checkpoints(directory: StrPath, after_step: int, *, metrics: StrPath 
     (None, []) when nothing lay beyond `after_step`."""
     directory = _checkpoint_dir(directory)
     later = [(p, p.name) for s, p in _step_files(directory) if s > after_step]
-    for best in (directory / "best.pt", directory / "best.safetensors"):
-        step = checkpoint_step(best) if best.is_file() else after_step
+    for best in (directory / name for name in BEST_NAMES):
+        step = checkpoint_step(best) if best.exists() else after_step
         if step is None or step > after_step:
             later.append((best, f"{best.name} (step {step})" if step is not None else f"{best.name} (unreadable)"))
     tail = split_jsonl_by_step(Path(metrics), after_step)[1] if metrics is not None else []

@@ -7,15 +7,21 @@ Four small pieces the training loop uses every step:
 - `SGDDecay`: SGD whose step size decays as lr / sqrt(t + 1) (the CS336 warm-up exercise).
 - `cos_lr_scheduler`: linear warm-up, cosine decay to `min_lr`, then constant `min_lr`.
 - `gradient_clip`: rescale all gradients together when their global L2 norm exceeds a maximum.
+
+Sharded (FSDP2) parameters are DTensors, each rank holding one shard. The AdamW update is elementwise, so it
+runs on each rank's local shard as it is; the global gradient norm sums the shards' squared norms across
+the ranks (one all-reduce) before the square root.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from llm.fast.optimizer import Optimizer  # torch.optim.Optimizer without its 4 s first-call torch._dynamo import
 
@@ -28,6 +34,18 @@ def _check_range(name: str, value: float, low: float, high: float = math.inf, *,
     if not (isinstance(value, (int, float)) and ok):
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor (a sharded parameter), without importing torch.distributed.tensor: that
+    import costs seconds (it pulls in torch.fx's symbolic shapes), and before it no DTensor can exist."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view: in-place ops update the DTensor); any other tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _evaluate_closure(closure: Callable[[], float] | None) -> float | None:
@@ -112,7 +130,7 @@ class AdamW(Optimizer):
         # On the CPU, run all the update's ops on one cache-sized chunk before moving to the next: the same
         # arithmetic element by element (so the same bits), but p, g, m, v stream from DRAM once instead
         # of once per op. On accelerators a whole tensor per op is better (fewer kernel launches).
-        chunk = CPU_CHUNK if device.type == "cpu" else max(p.numel() for p in params)
+        chunk = CPU_CHUNK if device.type == "cpu" else max(max(local(p).numel() for p in params), 1)
         scratch = self._scratch.get((device, dtype))
         if scratch is None or scratch.numel() < chunk:
             scratch = self._scratch[(device, dtype)] = torch.empty(chunk, device=device, dtype=dtype)
@@ -121,7 +139,7 @@ class AdamW(Optimizer):
             state["step"] += 1
             t = state["step"].item()
             decay, step_size, bc2_sqrt = 1 - lr * wd, lr / (1 - beta1**t), (1 - beta2**t) ** 0.5
-            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            tensors = tuple(local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
             if all(x.is_contiguous() for x in tensors):
                 n = p.numel()
                 flat = [x.view(-1) for x in tensors]
@@ -143,9 +161,10 @@ class AdamW(Optimizer):
     def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         states = [self._state(p) for p in params]
-        grads = [p.grad for p in params]
-        ms = [s["exp_avg"] for s in states]
-        vs = [s["exp_avg_sq"] for s in states]
+        grads = [local(p.grad) for p in params]
+        ms = [local(s["exp_avg"]) for s in states]
+        vs = [local(s["exp_avg_sq"]) for s in states]
+        params = [local(p) for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         if wd != 0:
@@ -221,19 +240,36 @@ def gradient_clip(params: Iterable[torch.Tensor], max_l2_norm: float, eps: float
     if not max_l2_norm > 0:
         raise ValueError(f"max_l2_norm must be > 0, got {max_l2_norm}")
     by_device: dict[torch.device, list[torch.Tensor]] = {}
+    groups = set()  # the process groups of sharded gradients: their squared norms are summed across ranks
     for p in params:
         if p.grad is not None:
-            by_device.setdefault(p.grad.device, []).append(p.grad)
+            if is_dtensor(p.grad):
+                groups.add(_shard_group(p.grad))
+            by_device.setdefault(p.grad.device, []).append(local(p.grad))
     if not by_device:
         return 0.0
     # One norm per tensor (float32 accumulation even for bf16 grads), then the norm of those norms.
     norms = []
     for grads in by_device.values():
         norms.extend(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
-    first = norms[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms])).item()
+    first = next(iter(by_device))
+    stacked = torch.stack([n.to(first) for n in norms]) if norms else torch.zeros(1, device=first)
+    if groups:  # each rank holds a shard: sum the shards' squared norms over the ranks
+        squared = stacked.square().sum()
+        for group in groups:
+            dist.all_reduce(squared, group=group)
+        total = squared.sqrt().item()
+    else:
+        total = torch.linalg.vector_norm(stacked).item()
     if math.isfinite(total) and total > max_l2_norm:
         scale = max_l2_norm / (total + eps)
         for grads in by_device.values():
             torch._foreach_mul_(grads, scale)
     return total
+
+
+def _shard_group(t: torch.Tensor) -> dist.ProcessGroup:
+    """The process group a DTensor is sharded over (FSDP: one mesh dimension, Shard placements only)."""
+    if t.device_mesh.ndim != 1 or not all(pl.is_shard() for pl in t.placements):
+        raise ValueError(f"gradient_clip supports 1-D sharded DTensors (FSDP), got placements {t.placements}")
+    return t.device_mesh.get_group()

@@ -27,12 +27,14 @@ from llm.checkpoint import (
     latest_checkpoint,
     latest_intact_checkpoint,
     prune_checkpoints,
+    remove_checkpoint,
     retire_checkpoints,
     save_checkpoint,
 )
 from llm.data import DirLockBusy, _dir_lock
 from llm.distributed import DistInfo, barrier, broadcast_from_main
 from llm.fileio import write_text
+from llm.sharded_checkpoint import DCP_SUFFIX, fsdp_module
 from llm.train_config import TrainConfig
 
 
@@ -97,9 +99,9 @@ def clear_earlier_run(out_dir: str, info: DistInfo, log: Callable[[str], None]) 
     if info.is_main:
         log(f"--overwrite: removing the earlier run's checkpoints in {checkpoint_dir(out_dir)}")
         d = checkpoint_dir(out_dir)
-        for p in [*d.glob("*.pt"), *d.glob("*.safetensors")]:
+        for p in [*d.glob("*.pt"), *d.glob("*.safetensors"), *d.glob("*.dcp")]:
             for f in (p, *companion_files(p)):
-                f.unlink(missing_ok=True)
+                remove_checkpoint(f)
     barrier(info)
 
 
@@ -138,9 +140,10 @@ def divergence_message(out_dir: str, info: DistInfo, step: int, problem: Diverge
 
 def save_run_checkpoint(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler, step: int, *, best: bool, best_val: float, elapsed: float,
-                        tokenizer_dir: str | None, last_ckpt: Path | None) -> Path:
+                        tokenizer_dir: str | None, last_ckpt: Path | None, info: DistInfo | None = None) -> Path:
     """Rank 0 writes step_N.pt (or best.pt) atomically with all a bit-exact resume needs; older step files
-    beyond keep_last are pruned, but never `last_ckpt`, the newest one a later step's loss has shown healthy."""
+    beyond keep_last are pruned, but never `last_ckpt`, the newest one a later step's loss has shown healthy.
+    An fsdp run writes step_N.dcp (best.dcp) instead, every rank its shard: all ranks call this then."""
     extra = {
         "model_config": cfg.model.to_dict(), "train_config": cfg.to_dict(), "tokenizer_dir": tokenizer_dir,
         "rng": capture_rng_state(), "sampler": {"kind": "stateless", "seed": cfg.seed, "next_step": step},
@@ -150,11 +153,17 @@ def save_run_checkpoint(cfg: TrainConfig, model: nn.Module, optimizer: torch.opt
         extra["scaler"] = scaler.state_dict()
     fmt = cfg.checkpoint_format
     path = checkpoint_dir(cfg.out_dir) / f"best.{fmt}" if best else step_checkpoint_path(cfg.out_dir, step, fmt)
-    save_checkpoint(model, optimizer, step, path, extra=extra)
-    twin = path.with_suffix(".pt" if fmt == "safetensors" else ".safetensors")  # a run that switched formats
-    for f in (twin, *companion_files(twin)):
-        f.unlink(missing_ok=True)
-    if not best:
+    info = info or DistInfo()
+    if cfg.parallel == "fsdp":
+        path = fsdp_module().save_sharded(path.with_suffix(DCP_SUFFIX), model, optimizer, step, extra, info)
+    else:
+        save_checkpoint(model, optimizer, step, path, extra=extra)
+    if info.is_main:  # a run that switched --parallel or --checkpoint-format: the other formats' twins are older
+        for suffix in {".pt", ".safetensors", DCP_SUFFIX} - {path.suffix}:
+            twin = path.with_suffix(suffix)
+            for f in (twin, *companion_files(twin)):
+                remove_checkpoint(f)
+    if not best and info.is_main:
         prune_checkpoints(checkpoint_dir(cfg.out_dir), max(1, cfg.keep_last), keep=[last_ckpt] if last_ckpt else [])
     return path
 

@@ -25,6 +25,7 @@ from llm.config import MODEL_PRESETS, ModelConfig, check_impl, model_preset
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHECKPOINT_FORMATS = ("pt", "safetensors")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 def _help(default: Any, text: str) -> Any:
@@ -72,6 +73,9 @@ class TrainConfig:
     compile: bool = _help(False, "torch.compile the model")
     activation_checkpointing: str = _help(
         "none", "none | full | every-K: recompute checkpointed blocks in backward (less memory, ~1/3 more compute)")
+    parallel: str = _help(
+        "ddp", "ddp | fsdp: how torchrun's ranks share the model (fsdp: weights, gradients and AdamW state sharded "
+        "across ranks, sharded DCP checkpoints)")
     impl: str = _help("fast", "fast (llm/fast kernels) | reference (only the plain llm/ops Functions): same model, same checkpoints")
     threads: int | None = _help(None, "torch CPU threads per process; None: cores / processes on this node")
     peak_flops: float | None = _help(None, "device peak FLOP/s for MFU; None: data sheet (GPU) or measured (CPU)")
@@ -110,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_impl(self.impl)
         checkpoint_every(self.activation_checkpointing)
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.peak_flops is not None and not self.peak_flops > 0:

@@ -30,6 +30,7 @@ from llm.data import get_batch
 from llm.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from llm.metrics import Throughput, fmt_time, log, quiet_log
 from llm.optim import gradient_clip
+from llm.parallel import is_fsdp, no_gradient_sync
 from llm.run_dir import divergence_message, run_dir_lock, save_run_checkpoint
 from llm.train_config import TrainConfig
 from llm.train_setup import Run, lr_at, resolve_device, setup_run
@@ -156,10 +157,11 @@ def train_loop(run: Run, state: LoopState, result: TrainResult, end_step: int) -
                 # x, y: (B, T) token ids, y = x shifted left by one: the next token at every position
                 x, y = get_batch(run.train_tokens, cfg.batch_size, cfg.model.context_length, run.device,
                                  rng=batch_rng(cfg.seed, state.step, g))
-                # DDP: all-reduce gradients only on the last micro-batch of the step.
+                # DDP / FSDP: reduce gradients only on the last micro-batch of the step.
                 sync = micro == cfg.grad_accum - 1 or not info.enabled
                 t_c = run.clock()
-                with (contextlib.nullcontext() if sync else run.step_module.no_sync()), run.autocast():
+                no_sync = contextlib.nullcontext() if sync else no_gradient_sync(run.step_module, run.model)
+                with no_sync, run.autocast():
                     loss = run.step_module(x, y)  # (): mean cross-entropy over the B*T positions
                 run.scaler.scale(loss / cfg.grad_accum).backward()  # grads accumulate: mean over A micro-batches
                 compute += run.clock() - t_c
@@ -238,15 +240,24 @@ def log_progress(run: Run, state: LoopState, result: TrainResult, step_loss: flo
 def evaluate(model: nn.Module, val: np.ndarray, cfg: TrainConfig, info: DistInfo, device: torch.device,
              autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
     """Mean loss over the fixed held-out batches (batch i is drawn from stream (seed, EVAL_STREAM, i),
-    batches split round-robin across ranks) — the same number whatever the world size."""
+    batches split round-robin across ranks) — the same number whatever the world size. A sharded model
+    all-gathers its weights in every forward, a collective: there every rank runs ceil(batches / W) forwards,
+    and a rank past the last batch recomputes one without counting it."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(info.rank, cfg.eval_batches, info.world_size):
+    end = cfg.eval_batches
+    if is_fsdp(model):
+        end = math.ceil(cfg.eval_batches / info.world_size) * info.world_size
+    for i in range(info.rank, end, info.world_size):
         x, y = get_batch(val, cfg.batch_size, cfg.model.context_length, device,
-                         rng=np.random.default_rng([cfg.seed, EVAL_STREAM, i]))
+                         rng=np.random.default_rng([cfg.seed, EVAL_STREAM, i % cfg.eval_batches]))
         with autocast():
-            total += model.loss(x, y).double()
+            loss = model.loss(x, y).double()
+        if i < cfg.eval_batches:
+            total += loss
+    if is_fsdp(model):
+        model.reshard()  # the root keeps its gathered weights after a forward (backward would need them)
     model.train(was_training)
     return float(all_reduce_sum(total, info)) / cfg.eval_batches
 
@@ -269,17 +280,17 @@ def run_eval(run: Run, state: LoopState, result: TrainResult) -> float:
 
 
 def save(run: Run, state: LoopState, result: TrainResult, *, best: bool = False) -> Path | None:
-    """Checkpoint state.step (rank 0 writes; llm.run_dir.save_run_checkpoint). Every rank first checks the
-    weights (identical on all), so a diverged run stops together and saves nothing."""
+    """Checkpoint state.step (rank 0 writes; under fsdp every rank writes its shard; llm.run_dir.save_run_checkpoint).
+    Every rank first checks the weights (the same answer on all), so a diverged run stops together and saves nothing."""
     problem = run.health.weights_problem(run.params)
     if problem is not None:
         raise TrainingError(divergence_message(run.cfg.out_dir, run.info, state.step, problem, state.last_ckpt))
-    if not run.info.is_main:
+    if not run.info.is_main and run.cfg.parallel != "fsdp":
         return None
     t0 = time.perf_counter()
     path = save_run_checkpoint(run.cfg, run.model, run.optimizer, run.scaler, state.step, best=best,
                                best_val=state.best_val, elapsed=state.elapsed(), tokenizer_dir=run.tokenizer_dir,
-                               last_ckpt=state.last_ckpt)
+                               last_ckpt=state.last_ckpt, info=run.info)
     result.ckpt_seconds += time.perf_counter() - t0
     result.ckpt_count += 1
     return path

@@ -25,8 +25,9 @@ from llm.hardware import autocast_context, device_from_name, peak_flops
 from llm.machine import usable_cores
 from llm.metrics import MetricsLog
 from llm.optim import AdamW, cos_lr_scheduler
-from llm.parallel import apply_activation_checkpointing
+from llm.parallel import apply_activation_checkpointing, rank_state_bytes
 from llm.run_dir import clear_earlier_run, earlier_run, open_run_dir, resolve_resume
+from llm.sharded_checkpoint import fsdp_module, is_sharded_checkpoint, read_sharded_meta
 from llm.train_config import TrainConfig, train_preset
 from llm.transformer import Transformer
 
@@ -183,31 +184,72 @@ class Start:
 
 
 def load_resume(cfg: TrainConfig, resume: str | None, log: Callable[[str], None]) -> tuple[Path | None, dict | None]:
-    """The checkpoint `resume` names (None: a fresh start) and its contents, checked against cfg.model."""
+    """The checkpoint `resume` names (None: a fresh start) and its contents, checked against cfg.model. A
+    sharded (DCP) checkpoint gives its meta.pt only: the tensors are loaded into the built model later."""
     ckpt_path = resolve_resume(resume, cfg.out_dir, say=log) if resume else None
     if resume == "auto" and ckpt_path is None:
         log(f"--resume auto: no checkpoint in {cfg.out_dir}/checkpoints yet, starting fresh")
     if ckpt_path is None:
         return None, None
-    ckpt = read_checkpoint(ckpt_path)  # CheckpointError (a ValueError) with one line for missing/corrupt files
+    if is_sharded_checkpoint(ckpt_path):
+        ckpt = read_sharded_meta(ckpt_path)  # ShardedCheckpointError (a ValueError): one line
+    else:
+        ckpt = read_checkpoint(ckpt_path)  # CheckpointError (a ValueError) with one line for missing/corrupt files
     saved_model = ckpt.get("model_config")
     if saved_model is not None and ModelConfig.from_dict(saved_model) != cfg.model:
         raise ValueError(f"checkpoint {ckpt_path} holds model {saved_model}, but the config asks for {cfg.model.to_dict()}")
     return ckpt_path, ckpt
 
 
-def build_training_state(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, ckpt: dict | None
+def single_file_from_sharded(path: Path) -> dict:
+    """A sharded checkpoint as one ordinary checkpoint dict, optimizer included, so the file resumes like any
+    step_N.pt: the AdamW state, saved by parameter name, goes into the optimizer the checkpoint's own config
+    builds, whose state_dict() is the index-keyed form a single-file resume loads."""
+    ckpt = fsdp_module().read_sharded_full(path, with_optimizer=True)
+    by_name = ckpt.pop("optimizer_by_name")
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    model = build_model(cfg.model, torch.device("cpu"), cfg.impl)
+    optimizer = build_optimizer(model, cfg)
+    for name, p in model.named_parameters():
+        if name in by_name:
+            optimizer.state[p] = dict(by_name[name])
+    ckpt["optimizer"] = optimizer.state_dict()
+    return ckpt
+
+
+def shards(cfg: TrainConfig, info: DistInfo) -> bool:
+    """Whether this run shards the model with FSDP (--parallel fsdp under torchrun with 2+ ranks); a single
+    process of an fsdp run trains the whole model but still writes sharded (DCP) checkpoints."""
+    return cfg.parallel == "fsdp" and info.enabled
+
+
+def build_training_state(cfg: TrainConfig, info: DistInfo, device: torch.device, dtype: torch.dtype,
+                         ckpt_path: Path | None, ckpt: dict | None
                          ) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler, Start]:
-    """Model, optimizer and gradient scaler, initialised from cfg.seed or restored (with every RNG) from `ckpt`."""
+    """Model (checkpointed, sharded as cfg says), optimizer and gradient scaler, initialised from cfg.seed or
+    restored (with every RNG) from `ckpt`: a single-file one before sharding, a DCP one into the shards."""
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     model = build_model(cfg.model, device, cfg.impl)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # before DDP wraps it
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # before DDP / FSDP wrap it
+    sharded_ckpt = ckpt_path is not None and is_sharded_checkpoint(ckpt_path)
+    if ckpt is not None and not sharded_ckpt:
+        if shards(cfg, info):
+            raise ValueError(f"--parallel fsdp resumes from sharded checkpoints (step_N.dcp); {ckpt_path} is a single "
+                             "file: resume it with --parallel ddp")
+        if ckpt.get("optimizer") is None:
+            raise ValueError(f"{ckpt_path} holds weights only (an export?): it cannot resume training; resume "
+                             "from the checkpoint it was made from")
+        model.load_state_dict(ckpt["model"])
+    if shards(cfg, info):
+        fsdp_module().apply_fsdp(model, device, dtype)  # before the optimizer: it must see the shards
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if ckpt is None:
         return model, optimizer, scaler, Start()
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if sharded_ckpt:
+        fsdp_module().load_sharded(ckpt_path, model, optimizer)
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     start = Start(int(ckpt["iteration"]), float(ckpt.get("best_val", math.inf)), float(ckpt.get("elapsed", 0.0)))
@@ -226,10 +268,10 @@ def setup_run(cfg: TrainConfig, info: DistInfo, *, resume: str | None, overwrite
     log(f"effective config ({cfg.preset} preset):\n{cfg.to_json()}")  # after the checks: a bad input is one line
     if old is not None:  # --overwrite, and the data is fine: now clear the old run
         clear_earlier_run(cfg.out_dir, info, log)
-    model, optimizer, scaler, start = build_training_state(cfg, device, dtype, ckpt)
+    model, optimizer, scaler, start = build_training_state(cfg, info, device, dtype, ckpt_path, ckpt)
     if ckpt is not None:
         log(f"resumed from {ckpt_path} at step {start.step}/{cfg.max_steps}")
-    step_module = wrap_data_parallel(LossModule(model), device, info)
+    step_module = LossModule(model) if shards(cfg, info) else wrap_data_parallel(LossModule(model), device, info)
     if cfg.compile:
         step_module = torch.compile(step_module)
     peak, peak_src = math.nan, ""
@@ -248,11 +290,22 @@ def describe_run(run: Run) -> str:
     """The one line about the model, device and batch that a run prints before its first step."""
     cfg, mcfg = run.cfg, run.cfg.model
     n_params = sum(p.numel() for p in run.params)
+    mem = rank_state_bytes(run.params, run.optimizer)
     return (
         f"model: {n_params / 1e6:.2f}M params ({mcfg.num_params(embedding=False) / 1e6:.2f}M non-embedding), "
         f"{mcfg.flops_per_token(training=True) / 1e6:.1f} MFLOP/token | device {run.device} "
         f"{str(run.dtype).replace('torch.', '')}{' compiled' if cfg.compile else ''} | world {run.info.world_size} "
         f"x accum {cfg.grad_accum} x batch {cfg.batch_size} x ctx {mcfg.context_length} = "
         f"{cfg.tokens_per_step * run.info.world_size:,} tokens/step | "
-        f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens"
+        f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens | "
+        f"{run.cfg.parallel if run.info.enabled else 'one process'}: "
+        f"{fmt_bytes(mem['expected'])} per rank for params {fmt_bytes(mem['params'])} + grads + AdamW state"
     )
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"

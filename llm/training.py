@@ -5,7 +5,10 @@
     uv run -m llm.training --config my.toml --lr 3e-4       # TOML file, then flags on top
     uv run -m llm.training --resume auto --out-dir runs/demo  # continue bit-exactly after Ctrl-C
     torchrun --nproc_per_node=2 -m llm.training ...         # DDP: gloo on CPU, nccl on CUDA
+    torchrun --nproc_per_node=2 -m llm.training --parallel fsdp ...   # FSDP2: sharded weights/grads/AdamW, DCP checkpoints
     uv run -m llm.training plot runs/demo                   # loss.png / lr.png from metrics.jsonl
+    uv run -m llm.training export runs/x/checkpoints/step_0001000.dcp --out x.pt   # sharded -> one file
+    uv run -m llm.training plan --preset large --world-size 8 --parallel fsdp      # memory per GPU, before renting
 
 This module is the command line: flags, config, calling `train`, and the report at the end (val loss
 against the corpus' unigram entropy, plots, a sample). The run itself is in parts:
@@ -35,19 +38,26 @@ import numpy as np
 from torch import nn
 
 from llm.bpe_tokenizer import BpeTokenizer
-from llm.checkpoint import read_checkpoint
+from llm.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint, resolve_checkpoint
 from llm.cli import Parser
 from llm.config import ModelConfig
 from llm.data import open_tokens, token_counts
 from llm.data import unigram_entropy as entropy_of_counts
 from llm.decoding import generate
 from llm.fileio import check_writable
+from llm.memory_plan import parse_bytes, plan, plan_report
 from llm.metrics import log
 from llm.plotting import plot_run
 from llm.run_dir import resolve_resume
-from llm.train_config import CHECKPOINT_FORMATS, DTYPES, TrainConfig, _train_fields, load_toml, merge, train_preset
+from llm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_meta
+from llm.train_config import (
+    CHECKPOINT_FORMATS, DTYPES, PARALLEL_MODES, TrainConfig, _train_fields, checkpoint_every, load_toml, merge,
+    train_preset,
+)
 from llm.train_loop import TrainingError, TrainResult, batch_rng, evaluate, global_micro_index, train
-from llm.train_setup import LossModule, build_model, lr_at, resolve_device, tokenizer_dir_for, uses_demo_data_paths
+from llm.train_setup import (
+    LossModule, build_model, lr_at, resolve_device, single_file_from_sharded, tokenizer_dir_for, uses_demo_data_paths,
+)
 
 # What scripts and tests import from here: the CLI's own names, and the training API re-exported from
 # llm.train_loop / llm.train_setup, where it is defined.
@@ -104,7 +114,7 @@ def _load_tokenizer(tok_dir: str | None) -> Any:
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-CHOICES = {"dtype": DTYPES, "checkpoint_format": CHECKPOINT_FORMATS}  # fields whose flag takes one of these
+CHOICES = {"dtype": DTYPES, "checkpoint_format": CHECKPOINT_FORMATS, "parallel": PARALLEL_MODES}  # fields whose flag takes one of these
 
 
 def _flag(name: str) -> str:
@@ -148,7 +158,7 @@ def _optional(t: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m llm.training",
-        description="Train the decoder-only LM. Subcommand: `plot RUN_DIR`. Config precedence: preset < --config "
+        description="Train the decoder-only LM. Subcommands: `plot RUN_DIR`, `export CHECKPOINT --out FILE`, `plan ...`. Config precedence: preset < --config "
         "TOML < flags. The loop overhead benchmark is `uv run kernel/benchmarking_overhead.py`.",
     )
     p.add_argument("--preset", default=None, help="training preset: demo (default), tinystories, tiny, small, medium, large, xl, 2.7B")
@@ -211,7 +221,10 @@ def _resumed_config(ns: argparse.Namespace, toml: dict[str, Any]) -> TrainConfig
     """--resume without a preset: the config saved in that checkpoint (None when there is none yet)."""
     out_dir = vars(ns).get("out_dir") or toml.get("out_dir") or train_preset("demo").out_dir
     path = resolve_resume(ns.resume, out_dir)
-    saved = read_checkpoint(path).get("train_config") if path is not None else None
+    if path is None:
+        return None
+    # a sharded checkpoint's config is in its meta.pt: no need to gather its tensors
+    saved = (read_sharded_meta(path) if is_sharded_checkpoint(path) else read_checkpoint(path)).get("train_config")
     return TrainConfig.from_dict(saved) if saved else None
 
 
@@ -316,11 +329,68 @@ def _main_plot(argv: list[str]) -> int:
     return 0
 
 
+def _main_export(argv: list[str]) -> int:
+    p = Parser(prog="python -m llm.training export",
+               description="Write a sharded (DCP) checkpoint of an fsdp run as one ordinary checkpoint file (weights, "
+               "configs, AdamW state, RNG): what generation, evaluation and fine-tuning load, and a --parallel ddp "
+               "run resumes from.")
+    p.add_argument("checkpoint", help="a step_N.dcp or best.dcp directory, or a run directory (its best, else newest)")
+    p.add_argument("--out", required=True, help="the .pt file to write (atomically, with its .sha256)")
+    ns = p.parse_args(argv)
+    try:
+        src = resolve_checkpoint(ns.checkpoint)
+        check_writable(ns.out, what="--out", is_dir=False)
+        if not is_sharded_checkpoint(src):
+            raise ValueError(f"{src} is already a single-file checkpoint")
+        ckpt = single_file_from_sharded(src)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    atomic_torch_save(ckpt, ns.out)
+    print(f"{src} -> {ns.out} (step {ckpt.get('iteration')})")
+    return 0
+
+
+def _main_plan(argv: list[str]) -> int:
+    p = Parser(prog="python -m llm.training plan", description="Memory per rank (GPU) of a training run before "
+               "it starts: parameters, gradients, optimizer state, activations, and whether they fit (llm.memory_plan).")
+    p.add_argument("--preset", default="demo", help="training preset whose model is planned (small ... 2.7B)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in all")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="ddp")
+    p.add_argument("--activation-checkpointing", default="none", metavar="none|full|every-K")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per rank (default: preset's)")
+    p.add_argument("--context-length", type=int, default=None, help="default: the preset's")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 24GB or 80GiB")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda: bf16, flash attention; cpu: fp32")
+    ns = p.parse_args(argv)
+    try:
+        cfg = train_preset(ns.preset)
+        mcfg = ModelConfig(**{**cfg.model.to_dict(), "context_length": ns.context_length or cfg.model.context_length})
+        batch = ns.batch_size or cfg.batch_size
+        if ns.world_size <= 0 or batch <= 0:
+            raise ValueError("--world-size and --batch-size must be positive")
+        checkpoint_every(ns.activation_checkpointing)
+        gpu_memory = parse_bytes(ns.gpu_memory) if ns.gpu_memory is not None else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gpu = ns.device == "cuda"
+    result = plan(mcfg, world_size=ns.world_size, parallel=ns.parallel, ac_mode=ns.activation_checkpointing,
+                  batch=batch, gpu=gpu)
+    print(plan_report(ns.preset, mcfg, result, world_size=ns.world_size, parallel=ns.parallel,
+                      ac_mode=ns.activation_checkpointing, batch=batch, gpu=gpu, gpu_memory=gpu_memory))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "plot":
             return _main_plot(argv[1:])
+        if argv and argv[0] == "export":
+            return _main_export(argv[1:])
+        if argv and argv[0] == "plan":
+            return _main_plan(argv[1:])
         return _main_train(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2
