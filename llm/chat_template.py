@@ -78,10 +78,12 @@ def grow_vocab(model: nn.Module, new_vocab_size: int) -> nn.Module:
 
 def prepare_chat_model(model: nn.Module, tokenizer: BpeTokenizer) -> BpeTokenizer:
     """Add the chat tokens to `tokenizer` and grow `model` to fit them (grow_vocab); returns the chat
-    tokenizer. When the tokenizer has <|endoftext|>, <|end|> starts as a copy of its rows: the pretrained
-    model already predicts the end of a document there, so ending a turn starts from a learned "stop" rather
-    than from the mean row (whose logit is the mean logit: never the largest). Nothing changes for a pair
-    that has the chat tokens already (a chat checkpoint)."""
+    tokenizer. When the tokenizer has <|endoftext|>, <|end|>'s lm_head row starts as a copy of its row: the
+    pretrained model already predicts the end of a document there, so ending a turn starts from a learned
+    "stop" rather than from the mean row (whose logit is the mean logit: never the largest). Its input
+    embedding stays the mean: as a copy of <|endoftext|>'s the model would read every turn's end as the
+    start of an unrelated document and stop looking back at the story. Nothing changes for a pair that has
+    the chat tokens already (a chat checkpoint)."""
     if has_chat_tokens(tokenizer) and tokenizer.vocab_size <= model.config.vocab_size:
         return tokenizer
     chat_tok = add_chat_tokens(tokenizer)
@@ -89,9 +91,9 @@ def prepare_chat_model(model: nn.Module, tokenizer: BpeTokenizer) -> BpeTokenize
         grow_vocab(model, chat_tok.vocab_size)
     if EOT in tokenizer.special_tokens:
         eot, end = tokenizer.token_id(EOT), chat_tok.token_id(END)
-        with torch.no_grad():
-            for w in dict.fromkeys((model.token_embeddings.weight, model.lm_head.weight)):
-                w[end] = w[eot]
+        if model.lm_head.weight is not model.token_embeddings.weight:  # tied: one row for both, keep the mean
+            with torch.no_grad():
+                model.lm_head.weight[end] = model.lm_head.weight[eot]
     return chat_tok
 
 

@@ -118,6 +118,12 @@ def test_grown_vocab_keeps_old_logits(tie) -> None:
 
 def test_prepare_chat_model(base_tok) -> None:
     model = Transformer(vocab_size=base_tok.vocab_size, context_length=16, d_model=16, num_layers=1, num_heads=2)
+    head, emb = model.lm_head.weight.detach().clone(), model.token_embeddings.weight.detach().clone()
     tok = prepare_chat_model(model, base_tok)
     assert model.config.vocab_size == tok.vocab_size == base_tok.vocab_size + 4
+    end, eot = tok.token_id(END), base_tok.token_id(EOT)
+    # <|end|> is predicted like <|endoftext|>; as an input it is an average token, like the other headers
+    assert torch.equal(model.lm_head.weight[end], head[eot])
+    torch.testing.assert_close(model.token_embeddings.weight[end], emb.mean(0))
+    torch.testing.assert_close(model.lm_head.weight[tok.token_id(USER)], head.mean(0))
     assert prepare_chat_model(model, tok) is tok and model.config.vocab_size == tok.vocab_size
