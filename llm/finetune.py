@@ -50,6 +50,8 @@ def build_parser() -> Parser:
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--overflow", choices=("drop", "truncate"), default=d.overflow,
                    help="conversations longer than the context")
+    p.add_argument("--weighting", choices=("token", "conversation"), default=d.weighting,
+                   help="loss: mean over answer tokens, or over conversations (each weighs the same)")
     for name in ("max_steps", "batch_size", "warmup_steps", "seed", "log_interval", "checkpoint_interval",
                  "train_examples", "eval_examples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))

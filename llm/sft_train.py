@@ -52,6 +52,7 @@ class FinetuneConfig:
     train_examples: int = 4000  # size of the built-in set
     eval_examples: int = 200  # held-out questions graded before and after
     overflow: str = "drop"  # conversations longer than the context: "drop" | "truncate"
+    weighting: str = "token"  # the loss: mean over answer tokens ("token") or over conversations ("conversation")
     max_steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
@@ -204,7 +205,7 @@ def train_steps(run: SftRun, examples: list[Encoded], end_step: int, log) -> boo
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batch = [examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, run.step)]
-            x, y, mask = collate(batch, run.device)
+            x, y, mask = collate(batch, run.device, cfg.weighting)
             with run.autocast():
                 loss = model.loss(x, y, mask)
             loss.backward()
