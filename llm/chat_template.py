@@ -4,10 +4,13 @@ A conversation is a list of messages {"role": "system" | "user" | "assistant", "
 
     <|user|> content <|end|>        (one special token, the content's BPE tokens, one special token)
 
-with no text around the special tokens, so the rendered string is `<|user|>Hi<|end|><|assistant|>Hello<|end|>`.
+with no other text around the special tokens: `<|user|> Hi<|end|><|assistant|> Hello<|end|>`.
 Every content is encoded on its own (segment by segment), so no BPE merge ever joins the last bytes of a
 prompt with the first bytes of the answer, and the ids of a prompt are a prefix of the ids of the prompt
 with its answer: what generation feeds the model is exactly what training showed it.
+
+Each content is encoded with one leading space (`with_prefix_space`, like GPT-2's add_prefix_space), so its
+first word is the token a pretrained model knows from running text; `reply_text` removes it again.
 
 The loss is taken only on what the assistant says: its content tokens and its <|end|>, which ends the turn
 (a model trained with <|end|> masked never learns to stop). The headers, the system and user turns carry no
@@ -110,6 +113,22 @@ def _check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"message {i + 1}: content contains the chat token {inside[0]}")
 
 
+def with_prefix_space(content: str) -> str:
+    """The content as it is encoded: with one leading space unless it starts with whitespace (GPT-2's
+    add_prefix_space, SentencePiece's dummy prefix). Byte-level BPE gives a word after a space other ids
+    than the same word at the start of a text ("Max" vs " Max"; "the" even splits into "t" "he"), and a
+    pretrained model has read nearly every word after a space: so the first word of a turn is the token the
+    model knows, and a name it copies from the story is the very token it saw there."""
+    return content if content[:1].isspace() else " " + content
+
+
+def reply_text(tokenizer: BpeTokenizer, ids: Sequence[int]) -> str:
+    """The text of a generated assistant turn (ids after <|assistant|>, without <|end|>): decoded, and the
+    prefix space with_prefix_space put before it removed."""
+    text = tokenizer.decode(ids)
+    return text[1:] if text.startswith(" ") else text
+
+
 def encode_chat(tokenizer: BpeTokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
                 ) -> tuple[list[int], list[bool]]:
     """(ids, loss_mask) of a conversation. loss_mask[i] is True for the assistant's content tokens and the
@@ -120,7 +139,7 @@ def encode_chat(tokenizer: BpeTokenizer, messages: Sequence[dict], add_generatio
     ids: list[int] = []
     mask: list[bool] = []
     for m in messages:
-        body = tokenizer.encode(m["content"]) if m["content"] else []
+        body = tokenizer.encode(with_prefix_space(m["content"])) if m["content"] else []
         learn = m["role"] == "assistant"
         ids += [tokenizer.token_id(ROLES[m["role"]]), *body, end]
         mask += [False, *([learn] * len(body)), learn]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llm.checkpoint import atomic_torch_save, checkpoint_or_default_run, save_checkpoint
-from llm.chat_template import end_of_turn_id, render_prompt
+from llm.chat_template import end_of_turn_id, render_prompt, reply_text
 from llm.cli import Parser, add_device, add_tokenizer_dir
 from llm.decoding import iter_tokens
 from llm.fileio import write_json
@@ -112,7 +112,7 @@ def answer(run: SftRun, prompts: Sequence[list[dict]], max_new_tokens: int = MAX
                     rows[r].append(t)
             if all(r and r[-1] == end for r in rows):
                 break
-        out += [tok.decode([t for t in r if t != end]) for r in rows]
+        out += [reply_text(tok, [t for t in r if t != end]) for r in rows]
     model.train(was_training)
     return out
 

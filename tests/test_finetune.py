@@ -110,7 +110,7 @@ def test_adapter_and_merged_checkpoint_are_the_same_model(base, tmp_path) -> Non
     via_adapter, tok_a = load_finetuned(run / "adapter.safetensors")
     merged, tok_m, _ = load_model(run / "merged.pt")
     assert tok_a.vocab_size == tok_m.vocab_size == merged.config.vocab_size == 457 + 4
-    ids = torch.tensor([tok_m.encode("<|user|>Who is number 3?<|end|><|assistant|>")])
+    ids = torch.tensor([tok_m.encode("<|user|> Who is number 3?<|end|><|assistant|>")])
     with torch.no_grad():
         torch.testing.assert_close(via_adapter(ids), merged(ids), rtol=1e-5, atol=1e-5)
     base_model, _, _ = load_model(base)
