@@ -52,8 +52,8 @@ class FinetuneConfig:
     train_examples: int = 4000  # size of the built-in set
     eval_examples: int = 200  # held-out questions graded before and after
     overflow: str = "drop"  # conversations longer than the context: "drop" | "truncate"
-    weighting: str = "token"  # the loss: mean over answer tokens ("token") or over conversations ("conversation")
-    max_steps: int = 300
+    weighting: str = "conversation"  # the loss: mean over conversations, or over answer tokens ("token")
+    max_steps: int = 600
     batch_size: int = 16
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -66,7 +66,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # None: llm.lora's default (every attention and FFN projection)
     log_interval: int = 10
-    checkpoint_interval: int = 100
+    checkpoint_interval: int = 200
     keep_last: int = 2
 
     def validate(self) -> None:
