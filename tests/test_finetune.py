@@ -61,6 +61,10 @@ def test_resume_equals_uninterrupted(base, tmp_path, rank) -> None:
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    with pytest.raises(ValueError, match="earlier fine-tuning run"):  # a fresh start would mix two runs
+        run_finetune(_cfg(base, tmp_path / "b", lora_rank=rank), evaluate=False)
+    again = run_finetune(_cfg(base, tmp_path / "b", lora_rank=rank, lora_dropout=0.2), evaluate=False, overwrite=True)
+    assert again["losses"] == straight["losses"]
 
 
 def test_end_to_end_cli_builtin_qa(base, tmp_path, capsys) -> None:
