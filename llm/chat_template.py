@@ -4,10 +4,13 @@ A conversation is a list of messages {"role": "system" | "user" | "assistant", "
 
     <|user|> content <|end|>        (one special token, the content's BPE tokens, one special token)
 
-with no text around the special tokens, so the rendered string is `<|user|>Hi<|end|><|assistant|>Hello<|end|>`.
+with no other text around the special tokens: `<|user|> Hi<|end|><|assistant|> Hello<|end|>`.
 Every content is encoded on its own (segment by segment), so no BPE merge ever joins the last bytes of a
 prompt with the first bytes of the answer, and the ids of a prompt are a prefix of the ids of the prompt
 with its answer: what generation feeds the model is exactly what training showed it.
+
+Each content is encoded with one leading space (`with_prefix_space`, like GPT-2's add_prefix_space), so its
+first word is the token a pretrained model knows from running text; `reply_text` removes it again.
 
 The loss is taken only on what the assistant says: its content tokens and its <|end|>, which ends the turn
 (a model trained with <|end|> masked never learns to stop). The headers, the system and user turns carry no
@@ -78,10 +81,12 @@ def grow_vocab(model: nn.Module, new_vocab_size: int) -> nn.Module:
 
 def prepare_chat_model(model: nn.Module, tokenizer: BpeTokenizer) -> BpeTokenizer:
     """Add the chat tokens to `tokenizer` and grow `model` to fit them (grow_vocab); returns the chat
-    tokenizer. When the tokenizer has <|endoftext|>, <|end|> starts as a copy of its rows: the pretrained
-    model already predicts the end of a document there, so ending a turn starts from a learned "stop" rather
-    than from the mean row (whose logit is the mean logit: never the largest). Nothing changes for a pair
-    that has the chat tokens already (a chat checkpoint)."""
+    tokenizer. When the tokenizer has <|endoftext|>, <|end|>'s lm_head row starts as a copy of its row: the
+    pretrained model already predicts the end of a document there, so ending a turn starts from a learned
+    "stop" rather than from the mean row (whose logit is the mean logit: never the largest). Its input
+    embedding stays the mean: as a copy of <|endoftext|>'s the model would read every turn's end as the
+    start of an unrelated document and stop looking back at the story. Nothing changes for a pair that has
+    the chat tokens already (a chat checkpoint)."""
     if has_chat_tokens(tokenizer) and tokenizer.vocab_size <= model.config.vocab_size:
         return tokenizer
     chat_tok = add_chat_tokens(tokenizer)
@@ -89,9 +94,9 @@ def prepare_chat_model(model: nn.Module, tokenizer: BpeTokenizer) -> BpeTokenize
         grow_vocab(model, chat_tok.vocab_size)
     if EOT in tokenizer.special_tokens:
         eot, end = tokenizer.token_id(EOT), chat_tok.token_id(END)
-        with torch.no_grad():
-            for w in dict.fromkeys((model.token_embeddings.weight, model.lm_head.weight)):
-                w[end] = w[eot]
+        if model.lm_head.weight is not model.token_embeddings.weight:  # tied: one row for both, keep the mean
+            with torch.no_grad():
+                model.lm_head.weight[end] = model.lm_head.weight[eot]
     return chat_tok
 
 
@@ -108,6 +113,22 @@ def _check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"message {i + 1}: content contains the chat token {inside[0]}")
 
 
+def with_prefix_space(content: str) -> str:
+    """The content as it is encoded: with one leading space unless it starts with whitespace (GPT-2's
+    add_prefix_space, SentencePiece's dummy prefix). Byte-level BPE gives a word after a space other ids
+    than the same word at the start of a text ("Max" vs " Max"; "the" even splits into "t" "he"), and a
+    pretrained model has read nearly every word after a space: so the first word of a turn is the token the
+    model knows, and a name it copies from the story is the very token it saw there."""
+    return content if content[:1].isspace() else " " + content
+
+
+def reply_text(tokenizer: BpeTokenizer, ids: Sequence[int]) -> str:
+    """The text of a generated assistant turn (ids after <|assistant|>, without <|end|>): decoded, and the
+    prefix space with_prefix_space put before it removed."""
+    text = tokenizer.decode(ids)
+    return text[1:] if text.startswith(" ") else text
+
+
 def encode_chat(tokenizer: BpeTokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
                 ) -> tuple[list[int], list[bool]]:
     """(ids, loss_mask) of a conversation. loss_mask[i] is True for the assistant's content tokens and the
@@ -118,7 +139,7 @@ def encode_chat(tokenizer: BpeTokenizer, messages: Sequence[dict], add_generatio
     ids: list[int] = []
     mask: list[bool] = []
     for m in messages:
-        body = tokenizer.encode(m["content"]) if m["content"] else []
+        body = tokenizer.encode(with_prefix_space(m["content"])) if m["content"] else []
         learn = m["role"] == "assistant"
         ids += [tokenizer.token_id(ROLES[m["role"]]), *body, end]
         mask += [False, *([learn] * len(body)), learn]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import atomic_torch_save, checkpoint_or_default_run, save_checkpoint
-from llm.chat_template import end_of_turn_id, render_prompt
+from llm.checkpoint import atomic_torch_save, checkpoint_or_default_run, prune_checkpoints, save_checkpoint
+from llm.chat_template import end_of_turn_id, render_prompt, reply_text
 from llm.cli import Parser, add_device, add_tokenizer_dir
 from llm.decoding import iter_tokens
 from llm.fileio import write_json
@@ -50,6 +50,8 @@ def build_parser() -> Parser:
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--overflow", choices=("drop", "truncate"), default=d.overflow,
                    help="conversations longer than the context")
+    p.add_argument("--weighting", choices=("token", "conversation"), default=d.weighting,
+                   help="loss: mean over answer tokens, or over conversations (each weighs the same)")
     for name in ("max_steps", "batch_size", "warmup_steps", "seed", "log_interval", "checkpoint_interval",
                  "train_examples", "eval_examples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -62,6 +64,7 @@ def build_parser() -> Parser:
     p.add_argument("--merge", action="store_true", help="also write RUN/merged.pt, a full checkpoint")
     p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue a run from its checkpoint")
     p.add_argument("--stop-at", type=int, default=None, help="pause after this step (checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir holding an earlier run")
     p.add_argument("--no-eval", action="store_true", help="skip grading before and after")
     add_device(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -110,7 +113,7 @@ def answer(run: SftRun, prompts: Sequence[list[dict]], max_new_tokens: int = MAX
                     rows[r].append(t)
             if all(r and r[-1] == end for r in rows):
                 break
-        out += [tok.decode([t for t in r if t != end]) for r in rows]
+        out += [reply_text(tok, [t for t in r if t != end]) for r in rows]
     model.train(was_training)
     return out
 
@@ -154,9 +157,15 @@ def write_outputs(run: SftRun, merge: bool) -> list[Path]:
 
 def run_finetune(cfg: FinetuneConfig, *, resume: str | None = None, stop_at: int | None = None,
                  evaluate: bool = True, merge: bool = False, tokenizer_dir: str | None = None,
-                 device: str | None = None) -> dict:
+                 device: str | None = None, overwrite: bool = False) -> dict:
     """Fine-tune as cfg says (or continue the run `resume` names); returns the summary written to finetune.json."""
     ckpt = None
+    earlier = sorted((Path(cfg.out_dir) / "checkpoints").glob("step_*.pt"))
+    if resume is None and earlier:
+        if not overwrite:
+            raise ValueError(f"{cfg.out_dir} holds an earlier fine-tuning run ({earlier[-1].name}): pass "
+                             "--resume auto to continue it, --overwrite to start afresh, or another --out-dir")
+        prune_checkpoints(Path(cfg.out_dir) / "checkpoints", 0)
     if resume is not None:
         ckpt_path, ckpt = read_resume(resume, cfg.out_dir)
         cfg = FinetuneConfig(**{**ckpt["finetune_config"], "out_dir": cfg.out_dir})
@@ -214,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_threads(args.threads)
         cfg = config_from_args(args)
         summary = run_finetune(cfg, resume=args.resume, stop_at=args.stop_at, evaluate=not args.no_eval,
-                               merge=args.merge, tokenizer_dir=args.tokenizer_dir, device=args.device)
+                               merge=args.merge, tokenizer_dir=args.tokenizer_dir, device=args.device,
+                               overwrite=args.overwrite)
     except (ValueError, SftDataError, TrainingError, OSError) as e:
         parser.exit(2, f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
     report(summary)

@@ -33,6 +33,7 @@ from llm.chat_template import ROLES, encode_chat
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 OVERFLOW = ("drop", "truncate")
+WEIGHTING = ("token", "conversation")
 
 
 class SftDataError(ValueError):
@@ -164,10 +165,15 @@ def encode_conversations(tokenizer: BpeTokenizer, conversations: Sequence[Sequen
     return rep
 
 
-def collate(examples: Sequence[Encoded], device: torch.device | str = "cpu"
+def collate(examples: Sequence[Encoded], device: torch.device | str = "cpu", weighting: str = "token"
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, loss_mask), each (b, longest - 1): x = ids[:-1], y = ids[1:], loss_mask = mask[1:] (whether
-    y is counted), rows padded at the end with id 0 and mask False."""
+    y is counted), rows padded at the end with id 0 and mask False. weighting "token": the bool mask (the
+    loss is the mean over every counted token of the batch); "conversation": float weights 1/(counted tokens
+    of the row), so each conversation weighs the same whatever its answer's length (a 150-token story does
+    not outweigh fifty 3-token answers)."""
+    if weighting not in WEIGHTING:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTING)}, got {weighting!r}")
     width = max(len(e.ids) for e in examples) - 1
     x = np.zeros((len(examples), width), dtype=np.int64)
     y = np.zeros_like(x)
@@ -175,6 +181,9 @@ def collate(examples: Sequence[Encoded], device: torch.device | str = "cpu"
     for r, e in enumerate(examples):
         n = len(e.ids) - 1
         x[r, :n], y[r, :n], m[r, :n] = e.ids[:-1], e.ids[1:], e.mask[1:]
+    if weighting == "conversation":
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        m = m.astype(np.float32)
     return tuple(torch.from_numpy(a).to(device) for a in (x, y, m))
 
 

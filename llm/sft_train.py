@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from llm.bpe.tokenizer import BpeTokenizer
-from llm.chat_template import prepare_chat_model
+from llm.chat_template import grow_vocab, has_chat_tokens, prepare_chat_model
 from llm.checkpoint import (
-    atomic_torch_save, capture_rng_state, load_model, prune_checkpoints, read_checkpoint, resolve_checkpoint,
-    restore_rng_state,
+    atomic_torch_save, capture_rng_state, find_tokenizer_dir, load_model, prune_checkpoints, read_checkpoint,
+    resolve_checkpoint, restore_rng_state,
 )
 from llm.fileio import sha256_of
 from llm.hardware import autocast_context
-from llm.lora import LoraConfig, apply_lora
+from llm.lora import LoraConfig, apply_lora, attach_adapter, merge_and_unload
 from llm.metrics import fmt_time
 from llm.optim import AdamW, cos_lr_scheduler, gradient_clip
 from llm.sft_data import Encoded, batch_indices, collate
@@ -52,7 +52,8 @@ class FinetuneConfig:
     train_examples: int = 4000  # size of the built-in set
     eval_examples: int = 200  # held-out questions graded before and after
     overflow: str = "drop"  # conversations longer than the context: "drop" | "truncate"
-    max_steps: int = 300
+    weighting: str = "conversation"  # the loss: mean over conversations, or over answer tokens ("token")
+    max_steps: int = 600
     batch_size: int = 16
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -65,7 +66,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # None: llm.lora's default (every attention and FFN projection)
     log_interval: int = 10
-    checkpoint_interval: int = 100
+    checkpoint_interval: int = 200
     keep_last: int = 2
 
     def validate(self) -> None:
@@ -204,7 +205,7 @@ def train_steps(run: SftRun, examples: list[Encoded], end_step: int, log) -> boo
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batch = [examples[i] for i in batch_indices(len(examples), cfg.batch_size, cfg.seed, run.step)]
-            x, y, mask = collate(batch, run.device)
+            x, y, mask = collate(batch, run.device, cfg.weighting)
             with run.autocast():
                 loss = model.loss(x, y, mask)
             loss.backward()
@@ -228,3 +229,33 @@ def train_steps(run: SftRun, examples: list[Encoded], end_step: int, log) -> boo
             if stop.signum is not None:
                 return False
     return True
+
+
+def load_finetuned(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, BpeTokenizer]:
+    """(model, chat tokenizer) of a fine-tuning run, in eval mode with any adapter merged: `path` is a run
+    directory (its merged.pt or model.pt, else its adapter over the base it names), a full checkpoint file,
+    or an adapter file (its run's chat_rows.pt beside it). ValueError (one line) if it is none of these."""
+    p = Path(path)
+    run_dir = p if p.is_dir() else p.parent
+    full = next((f for f in (run_dir / "merged.pt", run_dir / "model.pt") if f.is_file()), None) if p.is_dir() else None
+    if p.is_file() and p.suffix == ".pt" and p.name != "chat_rows.pt":
+        full = p
+    if full is not None:
+        model, tok, _ = load_model(full, device=device)
+        if not has_chat_tokens(tok):
+            raise ValueError(f"{full} has no chat tokens: fine-tune it first (uv run -m llm.finetune)")
+        return model, tok
+    rows_path = run_dir / "chat_rows.pt"
+    try:
+        rows = read_checkpoint(rows_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{p} is not a fine-tuning run or checkpoint ({str(e).splitlines()[0]})") from None
+    model, _, base = load_model(rows["base_checkpoint"], device=device)
+    tok = BpeTokenizer.load(find_tokenizer_dir(rows["tokenizer_dir"], rows_path))
+    grow_vocab(model, tok.vocab_size)
+    with torch.no_grad():
+        for name, t in rows["model"].items():
+            model.get_parameter(name)[int(rows["first_id"]):] = t.to(model.lm_head.weight.device)
+    attach_adapter(model, run_dir / "adapter" if p.is_dir() else p, base_sha256=sha256_of(base))
+    merge_and_unload(model)
+    return model.eval(), tok

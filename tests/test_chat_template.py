@@ -12,7 +12,7 @@ from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import train_bpe
 from llm.chat_template import (
     ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, add_chat_tokens, encode_chat, end_of_turn_id, grow_vocab,
-    prepare_chat_model, render_prompt,
+    prepare_chat_model, render_prompt, reply_text,
 )
 from llm.stories import make_story
 from llm.transformer import Transformer
@@ -45,8 +45,9 @@ def test_chat_tokens_are_appended_and_saved(base_tok, tmp_path) -> None:
 def test_label_mask_on_hand_written_conversation(base_tok) -> None:
     tok = add_chat_tokens(base_tok)
     s, u, a, e = (tok.token_id(t) for t in (SYSTEM, USER, ASSISTANT, END))
-    sys_ids, q_ids, ans_ids = tok.encode("Be kind."), tok.encode("Who is it?"), tok.encode("Tom")
-    q2_ids, ans2_ids = tok.encode("Where?"), tok.encode("the park")
+    # each content is encoded with its prefix space
+    sys_ids, q_ids, ans_ids = tok.encode(" Be kind."), tok.encode(" Who is it?"), tok.encode(" Tom")
+    q2_ids, ans2_ids = tok.encode(" Where?"), tok.encode(" the park")
     messages = [
         {"role": "system", "content": "Be kind."},
         {"role": "user", "content": "Who is it?"},
@@ -64,7 +65,10 @@ def test_label_mask_on_hand_written_conversation(base_tok) -> None:
     assert mask == want_mask
     assert [i for i, m in zip(ids, mask) if m] == [*ans_ids, e, *ans2_ids, e]
     assert end_of_turn_id(tok) == e
-    assert tok.decode(ids) == f"{SYSTEM}Be kind.{END}{USER}Who is it?{END}{ASSISTANT}Tom{END}{USER}Where?{END}{ASSISTANT}the park{END}"
+    assert tok.decode(ids) == f"{SYSTEM} Be kind.{END}{USER} Who is it?{END}{ASSISTANT} Tom{END}{USER} Where?{END}{ASSISTANT} the park{END}"
+    assert reply_text(tok, ans2_ids) == "the park"
+    # content that starts with whitespace keeps it as is
+    assert encode_chat(tok, [{"role": "user", "content": "\nHi"}])[0] == [u, *tok.encode("\nHi"), e]
 
 
 def test_prompt_is_a_prefix_of_prompt_and_answer(base_tok) -> None:
@@ -118,6 +122,12 @@ def test_grown_vocab_keeps_old_logits(tie) -> None:
 
 def test_prepare_chat_model(base_tok) -> None:
     model = Transformer(vocab_size=base_tok.vocab_size, context_length=16, d_model=16, num_layers=1, num_heads=2)
+    head, emb = model.lm_head.weight.detach().clone(), model.token_embeddings.weight.detach().clone()
     tok = prepare_chat_model(model, base_tok)
     assert model.config.vocab_size == tok.vocab_size == base_tok.vocab_size + 4
+    end, eot = tok.token_id(END), base_tok.token_id(EOT)
+    # <|end|> is predicted like <|endoftext|>; as an input it is an average token, like the other headers
+    assert torch.equal(model.lm_head.weight[end], head[eot])
+    torch.testing.assert_close(model.token_embeddings.weight[end], emb.mean(0))
+    torch.testing.assert_close(model.lm_head.weight[tok.token_id(USER)], head.mean(0))
     assert prepare_chat_model(model, tok) is tok and model.config.vocab_size == tok.vocab_size

@@ -12,7 +12,7 @@ from llm.bpe.tokenizer import BpeTokenizer
 from llm.bpe.train import train_bpe
 from llm.checkpoint import load_model, read_checkpoint, save_checkpoint
 from llm.finetune import main, run_finetune
-from llm.sft_train import FinetuneConfig
+from llm.sft_train import FinetuneConfig, load_finetuned
 from llm.stories import make_story
 from llm.transformer import Transformer
 
@@ -61,6 +61,10 @@ def test_resume_equals_uninterrupted(base, tmp_path, rank) -> None:
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    with pytest.raises(ValueError, match="earlier fine-tuning run"):  # a fresh start would mix two runs
+        run_finetune(_cfg(base, tmp_path / "b", lora_rank=rank), evaluate=False)
+    again = run_finetune(_cfg(base, tmp_path / "b", lora_rank=rank, lora_dropout=0.2), evaluate=False, overwrite=True)
+    assert again["losses"] == straight["losses"]
 
 
 def test_end_to_end_cli_builtin_qa(base, tmp_path, capsys) -> None:
@@ -99,3 +103,25 @@ def test_bad_jsonl_line_is_reported(base, tmp_path, capsys) -> None:
         main(["--checkpoint", str(base), "--out-dir", str(tmp_path / "x"), "--data", str(bad), "--no-eval"])
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "bad.jsonl:2: invalid JSON" in err and "\n" not in err
+
+
+def test_adapter_and_merged_checkpoint_are_the_same_model(base, tmp_path) -> None:
+    """LoRA run with --merge: base + adapter + chat rows (load_finetuned on the adapter) and merged.pt give the
+    same logits; the merged one loads with llm.checkpoint.load_model like any checkpoint."""
+    cfg = _cfg(base, tmp_path, lora_rank=4)
+    run_finetune(cfg, evaluate=False, merge=True)
+    run = tmp_path / "run"
+    via_adapter, tok_a = load_finetuned(run / "adapter.safetensors")
+    merged, tok_m, _ = load_model(run / "merged.pt")
+    assert tok_a.vocab_size == tok_m.vocab_size == merged.config.vocab_size == 457 + 4
+    ids = torch.tensor([tok_m.encode("<|user|> Who is number 3?<|end|><|assistant|>")])
+    with torch.no_grad():
+        torch.testing.assert_close(via_adapter(ids), merged(ids), rtol=1e-5, atol=1e-5)
+    base_model, _, _ = load_model(base)
+    with torch.no_grad():  # the base's rows stay bit-identical under LoRA; the chat tokens' rows trained
+        assert torch.equal(merged.lm_head.weight[:457], base_model.lm_head.weight)
+        assert torch.equal(merged.token_embeddings.weight[:457], base_model.token_embeddings.weight)
+        assert not torch.allclose(merged.token_embeddings.weight[457:], base_model.token_embeddings.weight.mean(0))
+    assert load_finetuned(run)[0].config.vocab_size == 461  # the run dir: its merged.pt
+    with pytest.raises(ValueError, match="not a fine-tuning run"):
+        load_finetuned(tmp_path)

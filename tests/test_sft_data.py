@@ -117,3 +117,22 @@ def test_batch_indices_are_stateless_epochs() -> None:
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
     assert (batch_indices(n, b, 3, 2) == seen[8:12]).all()  # recomputed from (seed, step) alone
     assert not (batch_indices(n, b, 4, 0) == seen[:4]).all()
+
+
+def test_conversation_weighting_is_a_mean_over_conversations(tok) -> None:
+    """weighting="conversation": the masked loss equals the mean over rows of each row's mean answer loss
+    (F.cross_entropy per position), however long each answer is."""
+    import torch.nn.functional as F
+    from llm.transformer import Transformer
+    convos = [[{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Tom"}],
+              [{"role": "user", "content": "Tell."}, {"role": "assistant", "content": "Tom ran to the park and sat."}]]
+    ex = encode_conversations(tok, convos, 64).examples
+    x, y, w = collate(ex, weighting="conversation")
+    assert w.dtype == torch.float32 and torch.allclose(w.sum(1), torch.ones(2))
+    model = Transformer(vocab_size=tok.vocab_size, context_length=64, d_model=16, num_layers=1, num_heads=2).double()
+    per = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none")  # (b s)
+    _, _, m = collate(ex)
+    want = torch.stack([per[r][m[r]].mean() for r in range(2)]).mean()
+    torch.testing.assert_close(model.loss(x, y, w.double()), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="weighting"):
+        collate(ex, weighting="sample")
