@@ -174,23 +174,16 @@ class ChatRepl(Repl):
         turns = [*self.turns, {"role": "user", "content": line}]
         ctx = self.model.config.context_length
         reserve = min(self.options.max_new_tokens, ctx // 4)
-        pieces: list[str] = []
-        dropped = 0
         try:
             ids, dropped = fit_history(self.tokenizer, self.system, turns, ctx - reserve)
-            if dropped:
-                self.say(f"(history trimmed to the context window: {dropped} oldest turns left out)")
-            for piece in stream_ids(self.model, self.tokenizer, ids, self.options, self.ends):
-                pieces.append(piece)
-                self.stdout.write(piece)
-                self.stdout.flush()
-            self.say()
-        except KeyboardInterrupt:
-            self.say(" [stopped]")
         except ValueError as e:
             self.say(f"error: {e}")
             return
-        reply = "".join(pieces)
+        if dropped:
+            self.say(f"(history trimmed to the context window: {dropped} oldest turns left out)")
+        reply = self.echo(stream_ids(self.model, self.tokenizer, ids, self.options, self.ends))
+        if reply is None:
+            return
         for t in CHAT_TOKENS:  # typed by the model as text (byte by byte): not markup in the next prompt
             reply = reply.replace(t, "")
         self.turns = turns[dropped:] + [{"role": "assistant", "content": reply}]

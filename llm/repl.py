@@ -4,6 +4,7 @@ streams back; slash-commands change the sampler; Ctrl-C stops only the current g
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import IO
 
 import torch
@@ -88,12 +89,13 @@ class Repl:
         except ValueError as e:
             self.say(f"error: {e}")
 
-    def complete(self, line: str) -> None:
-        prompt = self.conversation + line
-        pieces: list[str] = []
+    def echo(self, pieces: Iterable[str]) -> str | None:
+        """Write the pieces as they come and return their text: all of it, or what came before Ctrl-C;
+        None (with one error line) when generation refused the input."""
+        written: list[str] = []
         try:
-            for piece in stream(self.model, self.tokenizer, prompt, self.options):
-                pieces.append(piece)
+            for piece in pieces:
+                written.append(piece)
                 self.stdout.write(piece)
                 self.stdout.flush()
             self.say()
@@ -101,9 +103,14 @@ class Repl:
             self.say(" [stopped]")
         except ValueError as e:
             self.say(f"error: {e}")
-            return
-        if self.history:
-            self.conversation = prompt + "".join(pieces) + "\n"
+            return None
+        return "".join(written)
+
+    def complete(self, line: str) -> None:
+        prompt = self.conversation + line
+        text = self.echo(stream(self.model, self.tokenizer, prompt, self.options))
+        if text is not None and self.history:
+            self.conversation = prompt + text + "\n"
 
 
 def changed(options: GenerationOptions, cmd: str, arg: str) -> GenerationOptions:
