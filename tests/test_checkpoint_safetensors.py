@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -23,18 +21,10 @@ from llm.export import export_checkpoint
 from llm.optim import AdamW
 from llm.training import main, train
 from llm.transformer import Transformer
-from tests.test_training import _cfg, _tokens
+from tests.test_training import _cfg, data_dir  # noqa: F401  (data_dir: the same token files, a fixture)
 
 CFG = ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=64,
                   tie_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tokens")
-    np.save(d / "train.npy", _tokens(6000, 0))
-    np.save(d / "val.npy", _tokens(1000, 1))
-    return d
 
 
 def _trained() -> tuple[Transformer, AdamW]:
