@@ -11,8 +11,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # English doc -> its Chinese counterpart
 PAIRS = {f"docs/{name}.md": f"docs/zh/{name}.md" for name in ("tour", "derivations", "exercises", "model", "optim", "tokenizer", "training", "generating", "data", "lora")}
 PAGES = ["README.md", "README_cn.md", "docs/glossary.md", *PAIRS, *PAIRS.values()]
-# files of issue #14 (LoRA) that the pages name; checked like the others as soon as they exist
-PENDING = {"llm/ops/lora.py", "tests/test_lora.py"}
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
 
@@ -69,12 +67,9 @@ def test_named_tests_files_and_functions_exist(page: str) -> None:
         path = m[1] or m[3]
         if path:
             current = path
-            if path in PENDING and not (ROOT / path).exists():
-                current = None
-                continue
             assert (ROOT / path).is_file(), f"{page}: {path} does not exist"
         if m[2] and current:
             assert re.search(rf"^def {m[2]}\(", (ROOT / current).read_text(encoding="utf-8"), re.M), \
                 f"{page}: {current}::{m[2]} does not exist"
     for path in set(re.findall(r"`(llm/[\w/]+\.py)`", text)):
-        assert (ROOT / path).is_file() or path in PENDING, f"{page}: {path} does not exist"
+        assert (ROOT / path).is_file(), f"{page}: {path} does not exist"

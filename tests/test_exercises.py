@@ -143,3 +143,45 @@ def test_a_new_op_is_an_exercise_as_soon_as_it_lands(tmp_path, monkeypatch) -> N
     text = exercises_mod.skeleton()
     assert "class ScaleFn(Function):" in text and "backward: dx = 2 dy" in text
     assert text.index("class ScaleFn") < text.index("def merge_pairs")
+
+
+SPIES = '''
+from llm.ops.cross_entropy import CrossEntropyFn as _CE
+from llm.ops.lora import LoRALinearFn as _LoRA
+
+CALLS = []
+
+
+class LoRALinearFn(_LoRA):
+    @staticmethod
+    def forward(ctx, *args):
+        CALLS.append("lora")
+        return _LoRA.forward(ctx, *args)
+
+
+class CrossEntropyFn(_CE):
+    @staticmethod
+    def forward(ctx, *args):
+        CALLS.append("ce")
+        return _CE.forward(ctx, *args)
+'''
+
+
+def test_lora_and_the_masked_loss_run_the_learners_functions(tmp_path, monkeypatch) -> None:
+    """Exercises 8 and 10 of docs/exercises.md: a LoRA model (LoRALinear) and the masked model loss reach the
+    learner's LoRALinearFn and CrossEntropyFn, so tests/test_lora.py and tests/test_masked_loss.py grade them."""
+    import llm.ops.cross_entropy
+    import llm.ops.lora
+    from llm.lora import LoraConfig, apply_lora
+    from llm.transformer import Transformer
+
+    for module, name in ((llm.ops.lora, "LoRALinearFn"), (llm.ops.cross_entropy, "CrossEntropyFn")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    (tmp_path / "spy_ops.py").write_text(SPIES)
+    assert exercises_mod.install(str(tmp_path / "spy_ops.py")) == ["CrossEntropyFn", "LoRALinearFn"]
+    learner = llm.ops.lora.LoRALinearFn.forward.__globals__["CALLS"]
+    model = Transformer(vocab_size=16, context_length=8, d_model=8, num_layers=1, num_heads=2, impl="reference")
+    apply_lora(model, LoraConfig(rank=2, targets="q"))
+    x = torch.randint(0, 16, (1, 8))
+    model.loss(x, x, torch.arange(8)[None] > 3).backward()
+    assert learner.count("lora") == 1 and learner.count("ce") == 1

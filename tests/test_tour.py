@@ -46,7 +46,9 @@ def test_every_command_is_marked_and_the_closing_note_counts_them() -> None:
     commands = tour_commands(text)
     tested = [c for c, mark in commands if mark == "tested"]
     assert f"runs the {len(tested)} lines marked `# tested`" in text
-    assert any(c == "uv run -m llm.finetune" for c, _ in commands) and any(c == "uv run -m llm.chat" for c, _ in commands)
+    for module in ("llm.finetune", "llm.chat"):  # steps 8-9: the default run by hand, a tiny one tested
+        assert any(c.split()[:4] == ["uv", "run", "-m", module] and m.startswith("by hand") for c, m in commands)
+        assert any(c.startswith(f"uv run -m {module} ") and m == "tested" for c, m in commands)
 
 
 # Runs the tested commands one after another in one fresh interpreter (one torch import instead of one per
@@ -71,6 +73,8 @@ for argv in json.loads(sys.argv[1]):
         traceback.print_exc()
         sys.exit(1)
 """
+# What the test types into step 9's chat (the page says so): one user turn, then the REPL's /quit.
+CHAT_STDIN = "Once upon a time, there was a girl named Mia. One day, Mia went to the park. Where did Mia go?\n/quit\n"
 
 
 def test_tour_commands_run(tmp_path) -> None:
@@ -79,7 +83,7 @@ def test_tour_commands_run(tmp_path) -> None:
     env.pop("LLM_OPS", None)
     tested = [argv(command) for command, mark in tour_commands(text) if mark == "tested"]
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(tested)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          input=CHAT_STDIN, capture_output=True, text=True, timeout=900)
     every = done.stdout + done.stderr
     assert done.returncode == 0, every[-6000:]
     assert every.count("\n=== ") == len(tested)
@@ -90,3 +94,8 @@ def test_tour_commands_run(tmp_path) -> None:
     assert "final val loss" in every and "unigram entropy" in every and "perplexity" in every
     assert (tmp_path / "runs/tour/loss.png").is_file()
     assert (tmp_path / "runs/tour/checkpoints/quantized-int8.pt").is_file()
+    assert (tmp_path / "runs/tour-sft/adapter.safetensors").is_file()
+    assert "held-out exact match: before" in every  # step 8
+    loaded = " ".join(re.search(r"first line, which says what was loaded \(`(.*?)`\)", text, re.S)[1].split())
+    assert "Who is Hoot's friend?" in every  # the held-out question step 9 prints for pasting
+    assert loaded in every and "\n> " in every  # step 9: the adapter on its base, and the REPL's prompt
