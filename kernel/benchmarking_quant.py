@@ -1,5 +1,6 @@
 """Quantized inference (#16): linear-weight bytes, checkpoint size, batch-1 KV-cache decode speed and
-(with --checkpoint) perplexity, fp32 against int8 (chunked, and aten's _weight_int8pack_mm where present) and int4, measured interleaved in one run.
+(with --checkpoint) perplexity, fp32 against int8 (each kernel: compiled, chunked, and aten's _weight_int8pack_mm where present) and int4,
+measured interleaved in one run.
 
     uv run python kernel/benchmarking_quant.py --presets tinystories small --tokens 32 --steps 5
     uv run python kernel/benchmarking_quant.py --presets --checkpoint runs/demo --max-tokens 20000
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -62,14 +64,15 @@ def bench_preset(name: str, tokens: int, steps: int) -> None:
     models = variants(Transformer.from_config(MODEL_PRESETS[name]).eval())
     fp_bytes = quant.linear_weight_bytes(models["fp32"])
     fns = {k: decoder(m, tokens) for k, m in models.items()}
-    if quant.HAS_INT8PACK:  # the same int8 model through _weight_int8pack_mm (the default is chunked)
-        fns["int8-aten"] = _with_kernel(fns["int8"], "aten", quant.quant_matmul)
+    for kernel in quant.INT8_KERNELS:  # the same int8 model through each kernel ("int8": the default)
+        if kernel != quant.INT8_KERNEL and (kernel != "aten" or quant.HAS_INT8PACK):
+            fns[f"int8-{kernel}"] = _with_kernel(fns["int8"], kernel, quant.quant_matmul)
     times = interleaved_times(fns, CPU, warmup=1, steps=steps)
     print(f"\n{name}: {sum(p.numel() for p in models['fp32'].parameters()):,} fp32 parameters, "
           f"batch-1 decode of {tokens} tokens, {steps} interleaved runs, {torch.get_num_threads()} threads")
     print(f"{'variant':<14}{'lin bytes':>12}{'ratio':>8}{'state':>12}{'tok/s':>9}{'speed vs fp32':>15}")
     for k, t in times.items():
-        m = models[k.removesuffix("-aten")]
+        m = models[k.split("-")[0] if k.startswith("int8") else k]
         lb = quant.linear_weight_bytes(m)
         print(f"{k:<14}{lb:>12,}{lb / fp_bytes:>8.3f}{state_bytes(m):>12,}{tokens / np.median(t):>9.1f}"
               f"{paired_speed_ratio(t, times['fp32']):>14.2f}x")
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, _weight_int8pack_mm {'present' if quant.HAS_INT8PACK else 'absent'}")
+    print(f"torch {torch.__version__}, _weight_int8pack_mm {'present' if quant.HAS_INT8PACK else 'absent'}, "
+          f"default int8 kernel {quant.INT8_KERNEL!r}, load average {os.getloadavg()[0]:.2f}")
     for name in args.presets:
         bench_preset(name, args.tokens, args.steps)
     if args.checkpoint:
