@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from llm.checkpoint import load_model, save_checkpoint
 from llm.evaluate import evaluate_tokens
 from llm.fast import decode_step as ds
+from llm import quant
 from llm.quant import (
     HAS_INT8PACK, QuantLinear, dequantize_rows, pack_int4, quant_matmul, quantize, quantize_model, unpack_int4,
 )
@@ -23,7 +26,7 @@ from llm.transformer import Linear
 from tests.test_generating import byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KERNELS = ["chunked", "aten"] if HAS_INT8PACK else ["chunked"]
+KERNELS = ["compiled", "chunked", "aten"] if HAS_INT8PACK else ["compiled", "chunked"]
 TEXT = "the hello shell held the help desk. " * 8
 
 
@@ -53,6 +56,21 @@ def test_quant_matmul_matches_float64_reference(bits: int, kernel: str) -> None:
     if bits == 8:
         q_err = (ref - x.double() @ w.double().t()).abs()
         assert (q_err <= x.double().abs().sum(-1, keepdim=True) * qw.scale.double() / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_compiled_int8_kernel_matches_float64_reference(rows: int) -> None:
+    """The fused kernel on decode-sized inputs (it serves at most COMPILED_MAX_ROWS rows), odd widths."""
+    x, w = torch.randn(rows, 200), torch.randn(77, 200) * torch.rand(77, 1)
+    qw = quantize(w, 8)
+    y = quant_matmul(x, qw, "compiled")
+    w_hat = dequantize_rows(qw, dtype=torch.float64)
+    ref = x.double() @ w_hat.t()
+    bound = 200 * 2**-23 * (x.double().abs() @ w_hat.abs().t())
+    assert ((y.double() - ref).abs() <= bound + 1e-6).all()
+    assert rows <= quant.COMPILED_MAX_ROWS and quant._use_compiled(x, qw)
+    if shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++"):  # Inductor can build it here
+        assert not quant._Compiled.failed
 
 
 def test_int4_pack_unpack_round_trip() -> None:
