@@ -1,6 +1,6 @@
 """Quantized inference (#16): linear-weight bytes, checkpoint size, batch-1 KV-cache decode speed and
-(with --checkpoint) perplexity, fp32 against int8 (each kernel: compiled, chunked, and aten's _weight_int8pack_mm where present) and int4,
-measured interleaved in one run.
+(with --checkpoint) perplexity, fp32 against int8 (each kernel: compiled, chunked, and aten's
+_weight_int8pack_mm where present) and int4, measured interleaved in one run.
 
     uv run python kernel/benchmarking_quant.py --presets tinystories small --tokens 32 --steps 5
     uv run python kernel/benchmarking_quant.py --presets --checkpoint runs/demo --max-tokens 20000
