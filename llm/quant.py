@@ -38,11 +38,11 @@ INT8_KERNELS = ("compiled", "aten", "chunked")
 # The default int8 kernel: "compiled" (fp32 inputs of at most COMPILED_MAX_ROWS rows on CPU; chunked for the
 # rest, and wherever Inductor cannot build it, e.g. no C compiler). Batch-1 KV-cache decode vs fp32, one
 # thread on a shared 2-core AVX-512 CPU, torch 2.15, interleaved paired medians (kernel/results/quant_cpu.md):
-# compiled 1.07-2.36x (tinystories) and 3.26-3.35x (small), chunked 0.72-1.13x, "aten" (_weight_int8pack_mm)
+# compiled 1.07-2.36x (tinystories) and 3.08-3.35x (small), chunked 0.72-1.13x, "aten" (_weight_int8pack_mm)
 # 0.26-0.42x. Per product, chunked is 0.6-0.9x the fp32 GEMV: converting each block int8 -> fp32 is a second
 # pass over 4 bytes per weight (764 of 1223 µs on 6144x768), then one small GEMM per block. The compiled
 # kernel is one fused loop per row (convert, multiply, sum, scale) that reads each int8 weight once: 1.5-6.1x
-# the fp32 GEMV per shape, plus ~50 µs of Dynamo overhead per call. Its first call builds it (10-20 s here,
+# the fp32 GEMV per shape, plus 4-40 µs of Dynamo overhead per call. Its first call builds it (10-20 s here,
 # once per process).
 INT8_KERNEL = "compiled"
 COMPILED_MAX_ROWS = 16  # its time grows with the rows: at 32 it is level with chunked (6144x768, one thread)
