@@ -13,14 +13,16 @@ Only the linear maps inside the blocks (q/k/v/output, w1/w2/w3) are quantized. E
 and lm_head stay fp32: the embedding is a lookup (no matmul to speed up) and may be tied to lm_head;
 lm_head's errors go straight into the logits, and the fused loss (`linear_cross_entropy`) reads its weight.
 
-The matmul never dequantizes a whole matrix: int8 goes through `torch.ops.aten._weight_int8pack_mm` where
-this torch has it (detected at run time) and it is asked for (INT8_KERNEL says why it is not the default),
-else through blocks of CHUNK_BYTES of output rows dequantized
-and multiplied one at a time; int4 unpacks and dequantizes per block the same way. Inference only.
+The matmul never dequantizes a whole matrix. int8 kernels (INT8_KERNEL says which is the default and why):
+"compiled", one fused loop per output row that converts, multiplies and sums (torch.compile of
+`_int8_rows`, for decode-sized fp32 inputs on CPU); "chunked", blocks of CHUNK_BYTES of output rows
+converted and multiplied one at a time; "aten", `torch.ops.aten._weight_int8pack_mm` where this torch has it
+(detected at run time). int4 unpacks and dequantizes per block like "chunked". Inference only.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -32,11 +34,18 @@ GROUP_SIZES = (32, 64, 128)
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")  # Linear names swapped per block
 CHUNK_BYTES = 1 << 18  # fp32 bytes of one dequantized block of rows (256 KiB: stays in L2)
 HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")  # recent torch only
-INT8_KERNELS = ("aten", "chunked")
-# the default int8 kernel: "chunked". "aten" (_weight_int8pack_mm, used where detected when asked for) measured
-# slower at batch 1 on an AVX-512 CPU with torch 2.15: 0.64x fp32 decode speed against 1.16x for chunked
-# (kernel/benchmarking_quant.py compares both in one run)
-INT8_KERNEL = "chunked"
+INT8_KERNELS = ("compiled", "aten", "chunked")
+# The default int8 kernel: "compiled" (fp32 inputs of at most COMPILED_MAX_ROWS rows on CPU; chunked for the
+# rest, and wherever Inductor cannot build it, e.g. no C compiler). Batch-1 KV-cache decode vs fp32, one
+# thread on a shared 2-core AVX-512 CPU, torch 2.15, interleaved paired medians (kernel/results/quant_cpu.md):
+# compiled 1.07-2.36x (tinystories) and 3.08-3.35x (small), chunked 0.72-1.13x, "aten" (_weight_int8pack_mm)
+# 0.26-0.42x. Per product, chunked is 0.6-0.9x the fp32 GEMV: converting each block int8 -> fp32 is a second
+# pass over 4 bytes per weight (764 of 1223 µs on 6144x768), then one small GEMM per block. The compiled
+# kernel is one fused loop per row (convert, multiply, sum, scale) that reads each int8 weight once: 1.5-6.1x
+# the fp32 GEMV per shape, plus 4-40 µs of Dynamo overhead per call. Its first call builds it (10-20 s here,
+# once per process).
+INT8_KERNEL = "compiled"
+COMPILED_MAX_ROWS = 16  # its time grows with the rows: at 32 it is level with chunked (6144x768, one thread)
 
 
 class QuantWeight(NamedTuple):
@@ -114,15 +123,49 @@ def _chunked_matmul(x: Tensor, w: QuantWeight) -> Tensor:
     return out.mul_(w.scale.to(x.dtype)) if w.bits == 8 else out
 
 
+def _int8_rows(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x Ŵᵀ = (Σ_i x[n i] q[o i]) s_o written as one elementwise product and a row sum, which Inductor
+    fuses into a single loop over q (no fp32 copy of any block of Ŵ) for the "compiled" kernel."""
+    return (x[:, None, :] * q.to(x.dtype)).sum(-1) * scale
+
+
+class _Compiled:
+    """The "compiled" int8 kernel: `_int8_rows` through torch.compile (Inductor's C++ backend), built on the
+    first call; if that fails (no C compiler, no Inductor on this platform) it says so once and the
+    chunked kernel serves instead."""
+
+    fn = None
+    failed = False
+
+    @classmethod
+    def matmul(cls, x: Tensor, w: QuantWeight) -> Tensor:
+        if not cls.failed:
+            try:
+                cls.fn = cls.fn or torch.compile(_int8_rows, dynamic=True)
+                return cls.fn(x, w.q, w.scale)
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the chunked kernel
+                cls.failed = True
+                print(f"warning: compiled int8 kernel unavailable ({type(e).__name__}); using chunked",
+                      file=sys.stderr)
+        return _chunked_matmul(x, w)
+
+
+def _use_compiled(x: Tensor, w: QuantWeight) -> bool:
+    return w.bits == 8 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= COMPILED_MAX_ROWS
+
+
 def quant_matmul(x: Tensor, w: QuantWeight, kernel: str | None = None) -> Tensor:
-    """x Ŵᵀ for x (... in). int8: `kernel` "aten" (_weight_int8pack_mm, where this torch has it) or
-    "chunked" (default INT8_KERNEL); int4: always chunked (unpacked per block)."""
+    """x Ŵᵀ for x (... in). int8: `kernel` "compiled" (default INT8_KERNEL: fp32 CPU inputs of at most
+    COMPILED_MAX_ROWS rows, chunked otherwise), "aten" (_weight_int8pack_mm, where this torch has it) or
+    "chunked"; int4: always chunked (unpacked per block)."""
     x2 = x.reshape(-1, x.shape[-1])
     kernel = kernel or INT8_KERNEL
     if kernel not in INT8_KERNELS:
         raise ValueError(f"kernel must be one of {INT8_KERNELS}, got {kernel!r}")
     if w.bits == 8 and kernel == "aten" and HAS_INT8PACK and x2.dtype in (torch.float32, torch.bfloat16):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w.q, w.scale.to(x2.dtype))
+    elif kernel == "compiled" and _use_compiled(x2, w):
+        y = _Compiled.matmul(x2, w)
     else:
         y = _chunked_matmul(x2, w)
     return y.view(*x.shape[:-1], w.q.shape[0])

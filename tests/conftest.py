@@ -4,6 +4,7 @@ import pytest
 import torch
 from syrupy.assertion import SnapshotAssertion
 
+from llm import quant
 from llm.exercises import install
 from tests.snapshot import RefSnapshot
 
@@ -30,6 +31,15 @@ def ref_snapshot(snapshot: SnapshotAssertion) -> RefSnapshot:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_inductor_in_the_test_process():
+    """The default int8 kernel builds with torch.compile; Inductor in this process breaks the tests that fork
+    (DDP/FSDP workers) and Triton's interpreter. Tests run "chunked" by default; test_quant builds the
+    compiled kernel in a subprocess."""
+    quant.INT8_KERNEL = "chunked"
+    yield
 
 
 @pytest.fixture

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from llm.transformer import Linear
 from tests.test_generating import byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KERNELS = ["chunked", "aten"] if HAS_INT8PACK else ["chunked"]
+KERNELS = ["chunked", "aten"] if HAS_INT8PACK else ["chunked"]  # "compiled": in a subprocess (conftest)
 TEXT = "the hello shell held the help desk. " * 8
 
 
@@ -53,6 +57,34 @@ def test_quant_matmul_matches_float64_reference(bits: int, kernel: str) -> None:
     if bits == 8:
         q_err = (ref - x.double() @ w.double().t()).abs()
         assert (q_err <= x.double().abs().sum(-1, keepdim=True) * qw.scale.double() / 2 + 1e-6).all()
+
+
+COMPILED_CHECK = """
+import torch
+from llm import quant
+from llm.quant import dequantize_rows, quant_matmul, quantize
+torch.manual_seed(0)
+for rows in (1, 5, 16):  # decode-sized inputs (the kernel serves at most COMPILED_MAX_ROWS rows), odd widths
+    x, w = torch.randn(rows, 200), torch.randn(77, 200) * torch.rand(77, 1)
+    qw = quantize(w, 8)
+    y = quant_matmul(x, qw, "compiled")
+    w_hat = dequantize_rows(qw, dtype=torch.float64)
+    ref = x.double() @ w_hat.t()
+    bound = 200 * 2**-23 * (x.double().abs() @ w_hat.abs().t())  # fp32 accumulation of 200 products
+    assert ((y.double() - ref).abs() <= bound + 1e-6).all(), rows
+    assert quant._use_compiled(x, qw), rows
+print("compiled" if not quant._Compiled.failed else "fallback")
+"""
+
+
+def test_compiled_int8_kernel_matches_float64_reference() -> None:
+    """The fused kernel against float64 within the fp32 rounding bound, built in a fresh process."""
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", COMPILED_CHECK], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++"):  # Inductor can build it here
+        assert out.stdout.split()[-1] == "compiled", out.stderr[-2000:]
 
 
 def test_int4_pack_unpack_round_trip() -> None:
