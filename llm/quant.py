@@ -141,7 +141,9 @@ class _Compiled:
     def matmul(cls, x: Tensor, w: QuantWeight) -> Tensor:
         if not cls.failed:
             try:
-                cls.fn = cls.fn or torch.compile(_int8_rows, dynamic=True)
+                if cls.fn is None:  # the build takes seconds: say why the first token waits
+                    print("int8: compiling the decode kernel (torch.compile, once per process)", file=sys.stderr)
+                    cls.fn = torch.compile(_int8_rows, dynamic=True)
                 return cls.fn(x, w.q, w.scale)
             except Exception as e:  # noqa: BLE001 - any build failure means: use the chunked kernel
                 cls.failed = True
