@@ -53,7 +53,7 @@ class FinetuneConfig:
     eval_examples: int = 200  # held-out questions graded before and after
     overflow: str = "drop"  # conversations longer than the context: "drop" | "truncate"
     weighting: str = "conversation"  # the loss: mean over conversations, or over answer tokens ("token")
-    max_steps: int = 600
+    max_steps: int = 1000  # held-out QA: 74% after 600 steps, 93-95% after 1000 (the copying forms late)
     batch_size: int = 16
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -61,8 +61,8 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_rank: int = 6  # 2.75% of demo's weights trainable (rank 8: 3.6%); same held-out QA score
+    lora_alpha: float = 12.0  # scale alpha/rank = 2, as with rank 8 alpha 16
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # None: llm.lora's default (every attention and FFN projection)
     log_interval: int = 10
