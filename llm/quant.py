@@ -22,6 +22,7 @@ converted and multiplied one at a time; "aten", `torch.ops.aten._weight_int8pack
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import NamedTuple
 
@@ -143,6 +144,7 @@ class _Compiled:
             try:
                 if cls.fn is None:  # the build takes seconds: say why the first token waits
                     print("int8: compiling the decode kernel (torch.compile, once per process)", file=sys.stderr)
+                    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU builds
                     cls.fn = torch.compile(_int8_rows, dynamic=True)
                 return cls.fn(x, w.q, w.scale)
             except Exception as e:  # noqa: BLE001 - any build failure means: use the chunked kernel
