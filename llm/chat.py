@@ -36,7 +36,7 @@ from llm.fileio import sha256_of
 from llm.generating import SlideNote, add_sampling_flags, options_from_args
 from llm.hardware import THREADS_HELP, device_from_name, model_device, set_threads
 from llm.lora import adapter_paths, attach_adapter, load_adapter, merge_and_unload
-from llm.quant import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, quantize_model
+from llm.quant import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, prepare_decode, quantize_model
 from llm.repl import Repl
 from llm.sft_train import FinetuneConfig
 
@@ -127,6 +127,7 @@ def load_chat_model(checkpoint: str | None, adapter: str | None, *, device=None,
         tokenizer = prepare_chat_model(model, tokenizer)
         what += f" (no chat tokens: {END} and the headers added untrained; fine-tune it with uv run -m llm.finetune)"
     check_compatible(model, tokenizer)
+    prepare_decode(model)
     return model.eval(), tokenizer, what
 
 

@@ -26,6 +26,7 @@ from llm.decoding import (
     stream,
 )
 from llm.hardware import THREADS_HELP, device_from_name, model_device, set_threads
+from llm.quant import prepare_decode
 from llm.repl import repl
 from llm.sampling import SamplingConfig
 
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device_from_name(args.device)  # an unusable device: one line before the checkpoint is read
         model, tokenizer, path = load_model(checkpoint_or_default_run(args.checkpoint), device=args.device,
                                             tokenizer_dir=args.tokenizer_dir, quantize=args.quantize)
+        prepare_decode(model)
         ctx = model.config.context_length
         opts = opts.replace(on_slide=SlideNote(ctx))
         print(f"[{path}: {sum(p.numel() for p in model.parameters()):,} parameters, "

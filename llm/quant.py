@@ -216,6 +216,18 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
 
+def prepare_decode(model: nn.Module) -> None:
+    """Build the compiled int8 kernel now, while the model loads, rather than at the first generated token
+    (where its message would cut into the streamed text): one 1-row product through the first int8 layer."""
+    layer = next((m for m in model.modules() if isinstance(m, QuantLinear) and m.bits == 8), None)
+    if layer is None or INT8_KERNEL != "compiled":
+        return
+    x = torch.zeros(1, layer.in_features, device=layer.weight_q.device)
+    if _use_compiled(x, layer.qweight):
+        with torch.no_grad():
+            quant_matmul(x, layer.qweight)
+
+
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every block Linear that quantization replaces."""
     return [(parent, name) for block in model.layers for parent in (block.attn, block.ffn)
