@@ -28,17 +28,16 @@ from typing import IO
 import torch
 
 from llm.bpe.tokenizer import BpeTokenizer
-from llm.chat_template import CHAT_TOKENS, END, end_of_turn_id, grow_vocab, has_chat_tokens, prepare_chat_model, render_prompt
-from llm.checkpoint import checkpoint_or_default_run, load_model, read_checkpoint
+from llm.chat_template import CHAT_TOKENS, END, end_of_turn_id, has_chat_tokens, prepare_chat_model, render_prompt
+from llm.checkpoint import checkpoint_or_default_run, load_model
 from llm.cli import Parser, add_device, add_quantize, add_tokenizer_dir
 from llm.decoding import GenerationOptions, check_compatible, stream_ids
-from llm.fileio import sha256_of
 from llm.generating import SlideNote, add_sampling_flags, options_from_args
 from llm.hardware import THREADS_HELP, device_from_name, model_device, set_threads
-from llm.lora import adapter_paths, attach_adapter, load_adapter, merge_and_unload
+from llm.lora import adapter_paths
 from llm.quant import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, prepare_decode, quantize_model
 from llm.repl import Repl
-from llm.sft_train import FinetuneConfig
+from llm.sft_train import FinetuneConfig, load_adapter_run
 
 CHAT_HELP = """chat: type a message; /system TEXT (no text: none)  /reset (forget the conversation)  /quit
       sampler: /temp X  /topk K  /topp P  /minp P  /max N  /settings   — Ctrl-C stops the current reply"""
@@ -78,44 +77,12 @@ def default_source() -> tuple[str | None, str | None]:
         raise ValueError("no model to chat with yet: run uv run -m llm.training, then uv run -m llm.finetune") from None
 
 
-@torch.no_grad()
-def _add_chat_rows(model: torch.nn.Module, rows_path: Path) -> None:
-    """Grow the model to the fine-tune's chat vocabulary and put in the rows it trained (chat_rows.pt)."""
-    saved = read_checkpoint(rows_path)
-    first, rows = int(saved["first_id"]), saved["model"]
-    if first != model.config.vocab_size:
-        raise ValueError(f"{rows_path} extends a vocabulary of {first} ids; the base has {model.config.vocab_size}")
-    grow_vocab(model, first + rows["token_embeddings.weight"].shape[0])
-    model.token_embeddings.weight[first:] = rows["token_embeddings.weight"]
-    model.lm_head.weight[first:] = rows["lm_head.weight"]
-
-
-def _load_adapter_model(adapter: str, checkpoint: str | None, device, tokenizer_dir):
-    """The base the adapter names (or `checkpoint`), with the chat rows, tokenizer and adapter, merged."""
-    meta = load_adapter(adapter)[2]
-    where = adapter_paths(adapter)[0].parent
-    base = checkpoint or meta.get("base_checkpoint")
-    if not base:
-        raise ValueError(f"{adapter} names no base checkpoint; pass --checkpoint BASE")
-    model, tokenizer, path = load_model(base, device=device)  # with the base's own tokenizer
-    if (where / "chat_rows.pt").is_file():
-        _add_chat_rows(model, where / "chat_rows.pt")
-    chat_tok = Path(tokenizer_dir) if tokenizer_dir else where / "tokenizer"
-    if tokenizer_dir or (chat_tok / "vocab.json").is_file():
-        try:
-            tokenizer = BpeTokenizer.load(chat_tok)
-        except Exception as e:  # a damaged file: torch-free loaders raise many types
-            raise ValueError(f"cannot load tokenizer from {chat_tok}: {e}") from None
-    attach_adapter(model, adapter, base_sha256=sha256_of(path))
-    merge_and_unload(model)
-    return model, tokenizer, f"{path} + {adapter}"
-
-
 def load_chat_model(checkpoint: str | None, adapter: str | None, *, device=None, tokenizer_dir: str | None = None,
                     quantize: str | None = None) -> tuple[torch.nn.Module, BpeTokenizer, str]:
     """(model, chat tokenizer, what was loaded) for a checkpoint or an adapter (see the module docstring)."""
     if adapter is not None:
-        model, tokenizer, what = _load_adapter_model(adapter, checkpoint, device, tokenizer_dir)
+        model, tokenizer, path = load_adapter_run(adapter, checkpoint, device, tokenizer_dir)
+        what = f"{path} + {adapter}"
         if quantize is not None:
             quantize_model(model, QUANTIZE_CHOICES[quantize], DEFAULT_GROUP_SIZE)
     else:

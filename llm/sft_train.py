@@ -28,12 +28,12 @@ from torch import nn
 from llm.bpe.tokenizer import BpeTokenizer
 from llm.chat_template import grow_vocab, has_chat_tokens, prepare_chat_model
 from llm.checkpoint import (
-    atomic_torch_save, capture_rng_state, find_tokenizer_dir, load_model, prune_checkpoints, read_checkpoint,
+    atomic_torch_save, capture_rng_state, load_model, prune_checkpoints, read_checkpoint,
     resolve_checkpoint, restore_rng_state,
 )
 from llm.fileio import sha256_of
 from llm.hardware import autocast_context
-from llm.lora import LoraConfig, apply_lora, attach_adapter, merge_and_unload
+from llm.lora import LoraConfig, adapter_paths, apply_lora, attach_adapter, load_adapter, merge_and_unload
 from llm.metrics import fmt_time
 from llm.optim import AdamW, cos_lr_scheduler, gradient_clip
 from llm.sft_data import Encoded, batch_indices, collate
@@ -231,6 +231,41 @@ def train_steps(run: SftRun, examples: list[Encoded], end_step: int, log) -> boo
     return True
 
 
+@torch.no_grad()
+def add_chat_rows(model: torch.nn.Module, rows_path: Path) -> None:
+    """Grow the model to the fine-tune's chat vocabulary and put in the rows it trained (chat_rows.pt)."""
+    saved = read_checkpoint(rows_path)
+    first, rows = int(saved["first_id"]), saved["model"]
+    if first != model.config.vocab_size:
+        raise ValueError(f"{rows_path} extends a vocabulary of {first} ids; the base has {model.config.vocab_size}")
+    grow_vocab(model, first + rows["token_embeddings.weight"].shape[0])
+    model.token_embeddings.weight[first:] = rows["token_embeddings.weight"]
+    model.lm_head.weight[first:] = rows["lm_head.weight"]
+
+
+def load_adapter_run(adapter: str | Path, checkpoint: str | None = None, device=None, tokenizer_dir: str | None = None
+                     ) -> tuple[nn.Module, BpeTokenizer, Path]:
+    """(model, tokenizer, base path): the base the adapter names (or `checkpoint`) with the fine-tune's chat rows
+    (chat_rows.pt), its tokenizer and the adapter beside it, merged."""
+    meta = load_adapter(adapter)[2]
+    where = adapter_paths(adapter)[0].parent
+    base = checkpoint or meta.get("base_checkpoint")
+    if not base:
+        raise ValueError(f"{adapter} names no base checkpoint; pass --checkpoint BASE")
+    model, tokenizer, path = load_model(base, device=device)  # with the base's own tokenizer
+    if (where / "chat_rows.pt").is_file():
+        add_chat_rows(model, where / "chat_rows.pt")
+    chat_tok = Path(tokenizer_dir) if tokenizer_dir else where / "tokenizer"
+    if tokenizer_dir or (chat_tok / "vocab.json").is_file():
+        try:
+            tokenizer = BpeTokenizer.load(chat_tok)
+        except Exception as e:  # a damaged file: torch-free loaders raise many types
+            raise ValueError(f"cannot load tokenizer from {chat_tok}: {e}") from None
+    attach_adapter(model, adapter, base_sha256=sha256_of(path))
+    merge_and_unload(model)
+    return model, tokenizer, path
+
+
 def load_finetuned(path: str | Path, device: str | torch.device | None = None) -> tuple[nn.Module, BpeTokenizer]:
     """(model, chat tokenizer) of a fine-tuning run, in eval mode with any adapter merged: `path` is a run
     directory (its merged.pt or model.pt, else its adapter over the base it names), a full checkpoint file,
@@ -245,17 +280,9 @@ def load_finetuned(path: str | Path, device: str | torch.device | None = None) -
         if not has_chat_tokens(tok):
             raise ValueError(f"{full} has no chat tokens: fine-tune it first (uv run -m llm.finetune)")
         return model, tok
-    rows_path = run_dir / "chat_rows.pt"
-    try:
-        rows = read_checkpoint(rows_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"{p} is not a fine-tuning run or checkpoint ({str(e).splitlines()[0]})") from None
-    model, _, base = load_model(rows["base_checkpoint"], device=device)
-    tok = BpeTokenizer.load(find_tokenizer_dir(rows["tokenizer_dir"], rows_path))
-    grow_vocab(model, tok.vocab_size)
-    with torch.no_grad():
-        for name, t in rows["model"].items():
-            model.get_parameter(name)[int(rows["first_id"]):] = t.to(model.lm_head.weight.device)
-    attach_adapter(model, run_dir / "adapter" if p.is_dir() else p, base_sha256=sha256_of(base))
-    merge_and_unload(model)
+    adapter = run_dir / "adapter" if p.is_dir() else p
+    missing = [f.name for f in (run_dir / "chat_rows.pt", adapter_paths(adapter)[1]) if not f.is_file()]
+    if missing:
+        raise ValueError(f"{p} is not a fine-tuning run or checkpoint (no {' or '.join(missing)})")
+    model, tok, _ = load_adapter_run(adapter, device=device)
     return model.eval(), tok
